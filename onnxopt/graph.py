@@ -13,6 +13,8 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
 Tensor = gs.Tensor
 Node = gs.Node
@@ -30,7 +32,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export `graph`, keeping the model-level fields of `like` (IR version, metadata, docs)."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = _export(graph)
     _hoist_shared_initializers(model.graph)
     if like is not None:
         needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), True)
@@ -46,6 +48,45 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
             if entry.domain not in known and entry.domain not in DEFAULT_DOMAINS:
                 model.opset_import.append(entry)
     return model
+
+
+def _export(graph: gs.Graph) -> onnx.ModelProto:
+    # GraphSurgeon's own export builds a GraphProto and then copies it into a model, so
+    # every weight briefly exists three times; here each piece is written straight into
+    # the one ModelProto (a weight is copied once, as it is exported).
+    model = onnx.ModelProto()
+    model.ir_version = graph.ir_version if graph.ir_version is not None else onnx.IR_VERSION
+    _export_graph(graph, model.graph)
+    model.opset_import.extend(update_import_domains(graph))
+    model.functions.extend(OnnxExporter.export_function(f) for f in graph.functions)
+    model.producer_name = graph.producer_name or ""
+    model.producer_version = graph.producer_version or ""
+    return model
+
+
+def _export_graph(graph: gs.Graph, out: onnx.GraphProto) -> None:
+    out.name = graph.name or ""
+    if graph.doc_string:
+        out.doc_string = graph.doc_string
+    out.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+    out.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    out.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    tensors = graph.tensors()
+    for tensor in tensors.values():
+        if not isinstance(tensor, gs.Constant):
+            continue
+        if isinstance(tensor._values, SparseValues):
+            out.sparse_initializer.append(OnnxExporter.export_sparse_tensor_proto(tensor))
+        else:
+            out.initializer.append(OnnxExporter.export_tensor_proto(tensor))
+    boundary = {t.name for t in [*graph.inputs, *graph.outputs]}
+    out.value_info.extend(
+        OnnxExporter.export_value_info_proto(t, False)
+        for name, t in tensors.items()
+        if name not in boundary
+        and isinstance(t, gs.Variable)
+        and (t.dtype is not None or t.shape is not None)
+    )
 
 
 def _hoist_shared_initializers(graph: onnx.GraphProto) -> None:

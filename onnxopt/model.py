@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -229,38 +230,95 @@ def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> list[str]:
         path.write_bytes(model.SerializeToString())
         return [path.name]
     location = path.name + ".data"
-    moved: list[tuple[onnx.TensorProto, bytes]] = []
-    try:
-        with open(path.with_name(location), "wb") as data:
-            for tensor in iter_tensors(model.graph):
-                if not tensor.HasField("raw_data") or data_bytes(tensor) < 1024:
-                    continue
-                raw = tensor.raw_data
-                offset = data.tell()
-                data.write(raw)
-                moved.append((tensor, raw))
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (
-                    ("location", location),
-                    ("offset", str(offset)),
-                    ("length", str(len(raw))),
-                ):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            raise ModelError(
-                "the model is over 2 GB even without its raw tensor data (tensors stored in "
-                "typed fields): re-export it with raw_data tensors"
-            )
-        path.write_bytes(model.SerializeToString())
-    finally:
-        # The caller's model keeps its data in memory, as it was.
-        for tensor, raw in moved:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
+    with open(path.with_name(location), "wb") as data:
+        skeleton, _ = _externalized(model, data, location)
+    if skeleton.ByteSize() > PROTOBUF_LIMIT:
+        raise ModelError(
+            "the model is over 2 GB even without its raw tensor data (tensors stored in "
+            "typed fields): re-export it with raw_data tensors"
+        )
+    path.write_bytes(skeleton.SerializeToString())
     return [location, path.name]
+
+
+# Message types that can hold a TensorProto somewhere below them; everything else is
+# copied whole.
+_HOLDERS = {
+    "ModelProto",
+    "GraphProto",
+    "NodeProto",
+    "AttributeProto",
+    "FunctionProto",
+    "SparseTensorProto",
+    "TrainingInfoProto",
+}
+
+
+def _externalized(
+    model: onnx.ModelProto, data: BinaryIO, location: str
+) -> tuple[onnx.ModelProto, dict[int, onnx.TensorProto]]:
+    """A copy of `model` whose raw tensors of 1 KiB or more are written to `data` and
+    referenced as external data at `location`; also each offset's source tensor.
+
+    The caller's model is never modified: on a large model, clearing and setting
+    raw_data again would leave a second copy of every weight in its memory.
+    """
+    sources: dict[int, onnx.TensorProto] = {}
+
+    def tensor(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+        if not src.HasField("raw_data") or data_bytes(src) < 1024:
+            dst.CopyFrom(src)
+            return
+        for field, value in src.ListFields():
+            if field.name != "raw_data":
+                _copy_field(dst, field, value)
+        raw = src.raw_data
+        offset = data.tell()
+        data.write(raw)
+        sources[offset] = src
+        dst.data_location = onnx.TensorProto.EXTERNAL
+        entries = (("location", location), ("offset", str(offset)), ("length", str(len(raw))))
+        for key, value in entries:
+            entry = dst.external_data.add()
+            entry.key, entry.value = key, value
+
+    def message(src, dst) -> None:  # noqa: ANN001 - any protobuf message
+        for field, value in src.ListFields():
+            kind = field.message_type.name if field.message_type is not None else None
+            if kind == "TensorProto":
+                items = value if _repeated(field) else [value]
+                target = getattr(dst, field.name)
+                for item in items:
+                    tensor(item, target.add() if _repeated(field) else target)
+            elif kind in _HOLDERS:
+                items = value if _repeated(field) else [value]
+                target = getattr(dst, field.name)
+                for item in items:
+                    sub = target.add() if _repeated(field) else target
+                    sub.SetInParent()
+                    message(item, sub)
+            else:
+                _copy_field(dst, field, value)
+
+    skeleton = onnx.ModelProto()
+    message(model, skeleton)
+    return skeleton, sources
+
+
+def _repeated(field) -> bool:  # noqa: ANN001 - a protobuf FieldDescriptor
+    # protobuf 7 dropped `label`; 4.x has only `label`.
+    if hasattr(field, "is_repeated"):
+        return field.is_repeated
+    return field.label == field.LABEL_REPEATED
+
+
+def _copy_field(dst, field, value) -> None:  # noqa: ANN001 - any protobuf message and field
+    if _repeated(field):
+        getattr(dst, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(dst, field.name).CopyFrom(value)
+    else:
+        setattr(dst, field.name, value)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -280,50 +338,33 @@ def default_opset(model: onnx.ModelProto) -> int:
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """Convert to opset `target` with onnx's version converter; no-op when already there.
 
-    The converter copies the model several times over in C++; it never needs the
-    bytes of large weights, so they are set aside while it runs and given to the
-    converted model afterwards.
+    The converter copies the model several times over in C++ and never needs the
+    bytes of large weights: it converts a copy that refers to them as external
+    data, which is checked from disk, and the converted model then takes each
+    weight from `model` (left as it was).
     """
     current = default_opset(model)
     if current >= target:
         return model
-    stash = _stash_weights(model)
-    try:
-        converted = version_converter.convert_version(model, target)
-    except Exception as exc:  # the converter raises plain RuntimeErrors of many kinds
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"could not upgrade the model from opset {current} to {target} ({reason}): "
-            f"re-export it at opset {target} or later"
-        ) from None
-    finally:
-        _unstash_weights(model, stash)
-    _unstash_weights(converted, stash)
-    check_model(converted, full=False)
-    return converted
-
-
-_STASH = "onnxopt-stash:"
-
-
-def _stash_weights(model: onnx.ModelProto) -> list[bytes]:
-    stash: list[bytes] = []
-    for tensor in iter_tensors(model.graph):
-        if tensor.HasField("raw_data") and data_bytes(tensor) >= 1024:
-            entry = tensor.external_data.add()
-            entry.key, entry.value = "location", f"{_STASH}{len(stash)}"
-            stash.append(tensor.raw_data)
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-    return stash
-
-
-def _unstash_weights(model: onnx.ModelProto, stash: list[bytes]) -> None:
-    for tensor in iter_tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(Path(tmp) / "weights", "wb") as data:
+            skeleton, sources = _externalized(model, data, "weights")
+        try:
+            converted = version_converter.convert_version(skeleton, target)
+        except Exception as exc:  # the converter raises plain RuntimeErrors of many kinds
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"could not upgrade the model from opset {current} to {target} ({reason}): "
+                f"re-export it at opset {target} or later"
+            ) from None
+        del skeleton
+        (Path(tmp) / "model.onnx").write_bytes(converted.SerializeToString())
+        check_file(Path(tmp) / "model.onnx", full=False)
+    for tensor in iter_tensors(converted.graph):
+        if _external_location(tensor) != "weights":
             continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        if location.startswith(_STASH):
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = stash[int(location[len(_STASH) :])]
+        offset = int(next(e.value for e in tensor.external_data if e.key == "offset"))
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = sources[offset].raw_data
+    return converted
