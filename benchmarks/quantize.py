@@ -20,8 +20,9 @@ with QDQ format, per-channel int8 weights, uint8 activations and the same
 percentile (99.99); every other setting is its default.
 
 For each model, method and tool a fresh child process quantizes the model: its
-wall time (model in memory to quantized model) and its peak RSS (VmHWM) are
-recorded. Then fp32, ORT's int8 and onnxopt's int8 models are timed in one
+calibration wall time (onnxopt's `calibration_seconds`; for ORT, from making its
+calibrator to getting the ranges), the whole call's wall time (model file to
+quantized model) and its peak RSS (VmHWM) are recorded. Then fp32, ORT's int8 and onnxopt's int8 models are timed in one
 interleaved `onnxopt.bench` run on the CPU provider, and scored: detection by
 the agreement of the probability map thresholded at 0.3 with fp32's, ResNet-50
 by top-1 agreement with fp32, digits by top-1 on the held-out labels.
@@ -174,6 +175,7 @@ def child(tool: str, method: str, source: str, calib: str, target: str) -> None:
         )
 
         ort.set_default_logger_severity(3)
+        calibration = _time_ort_calibration()
         data = np.load(calib)
         name = data.files[0]
         arrays = data[name]
@@ -202,8 +204,36 @@ def child(tool: str, method: str, source: str, calib: str, target: str) -> None:
             extra_options={"CalibPercentile": PERCENTILE},
         )
         seconds = time.perf_counter() - start
-        extra = {}
+        extra = {"calibration_s": calibration["end"] - calibration["start"]}
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), **extra}))
+
+
+def _time_ort_calibration() -> dict[str, float]:
+    """Record when quantize_static starts and ends its calibration.
+
+    quantize_static makes its calibrator (augmented model and session), feeds it and
+    asks for the ranges; the span from making it to the ranges is ORT's calibration
+    wall time, the figure onnxopt's `calibration_seconds` stat measures for its own.
+    """
+    module = sys.modules["onnxruntime.quantization.quantize"]
+    marks: dict[str, float] = {}
+    make = module.create_calibrator
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        marks["start"] = time.perf_counter()
+        calibrator = make(*args, **kwargs)
+        compute = calibrator.compute_data
+
+        def compute_and_stop() -> Any:
+            ranges = compute()
+            marks["end"] = time.perf_counter()
+            return ranges
+
+        calibrator.compute_data = compute_and_stop
+        return calibrator
+
+    module.create_calibrator = timed
+    return marks
 
 
 def run_child(tool: str, method: str, source: Path, calib: Path, target: Path) -> dict[str, Any]:
@@ -302,6 +332,7 @@ def table(rows: list[dict], threads: int, runs: int) -> Any:
             "model",
             "method",
             "tool",
+            "calibration s",
             "quantize s",
             "peak RSS MB",
             "p50 ms",
@@ -315,7 +346,7 @@ def table(rows: list[dict], threads: int, runs: int) -> Any:
         for tool in ("ort", "onnxopt"):
             r = row[tool]
             if "error" in r:
-                t.rows.append([row["model"], row["method"], tool, "failed", r["error"], "", "", ""])
+                t.rows.append([row["model"], row["method"], tool, "failed", r["error"], *[""] * 5])
                 continue
             p50 = lat.get(tool)
             speed = f"{lat['fp32'] / p50:.2f}x" if p50 else "-"
@@ -325,6 +356,7 @@ def table(rows: list[dict], threads: int, runs: int) -> Any:
                     row["model"],
                     row["method"],
                     "ORT" if tool == "ort" else "onnxopt",
+                    round(r["calibration_s"], 2),
                     round(r["seconds"], 2),
                     round(r["peak_rss_mb"]),
                     round(p50, 2) if p50 else "-",
@@ -352,9 +384,11 @@ def targets(rows: list[dict]) -> list[str]:
             lines.append(
                 f"{label}: peak RSS ratio {ratio:.3f} (target <= 0.25) " + _ok(ratio <= 0.25)
             )
-        ratio = ours["seconds"] / theirs["seconds"]
+        ratio = ours["calibration_s"] / theirs["calibration_s"]
+        whole = ours["seconds"] / theirs["seconds"]
         lines.append(
-            f"{label}: quantize time ratio {ratio:.3f} (target <= 0.5) " + _ok(ratio <= 0.5)
+            f"{label}: calibration time ratio {ratio:.3f} (target <= 0.5; whole quantize call "
+            f"{whole:.3f}) " + _ok(ratio <= 0.5)
         )
         lat = row.get("latency_ms")
         if lat and row["model"] == "resnet50":

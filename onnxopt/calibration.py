@@ -41,7 +41,7 @@ import onnx
 from .errors import FeedError
 from .histogram import DEFAULT_BINS, Histogram
 from .report import write_text
-from .runtime import float_tensor_names, iter_tensors
+from .runtime import float_tensor_names, iter_tensors, run, session_with_outputs
 
 RangeMethod = Literal["minmax", "percentile", "entropy", "mse"]
 RANGE_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
@@ -318,14 +318,12 @@ def compute_range(
         hist = stats.histogram
         if hist is None:
             raise ValueError(f"range method '{method}' needs histograms: calibrate with them")
-        one_sided = low >= 0.0 or high <= 0.0
         if method == "percentile":
             p_low, p_high = hist.percentile_range(percentile, symmetric)
             low, high = max(low, p_low), min(high, p_high)
         else:
             if method == "entropy":
-                # Levels on the |x| side: all of them for one-sided data, half otherwise.
-                levels = 2**bits if one_sided and not symmetric else 2 ** (bits - 1)
+                levels = _levels_of_larger_side(low, high, bits, symmetric)
                 threshold = hist.entropy_threshold(levels=min(levels, hist.bins // 2))
             else:
                 span_low = -max(abs(low), abs(high)) if symmetric else low
@@ -337,6 +335,21 @@ def compute_range(
         amax = max(abs(low), abs(high))
         return -amax, amax
     return min(low, 0.0), max(high, 0.0)
+
+
+def _levels_of_larger_side(low: float, high: float, bits: int, symmetric: bool) -> int:
+    """How many of the 2**bits levels fall on the side of zero that holds the larger |x|.
+
+    The entropy search measures |x|: a symmetric grid gives each side half the levels,
+    an asymmetric one spreads them over [low, high], so the larger side gets its
+    share of that span (all of them for one-sided data).
+    """
+    if symmetric:
+        return 2 ** (bits - 1)
+    span = max(high, 0.0) - min(low, 0.0)  # the grid always holds 0
+    if span <= 0.0:
+        return 2**bits
+    return max(2 ** (bits - 1), round(2**bits * max(abs(low), abs(high)) / span))
 
 
 def cache_key(
@@ -414,22 +427,24 @@ def calibrate(
     return result
 
 
-def reduction_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` with ReduceMin, ReduceMax and Size of each named tensor as outputs.
+REDUCTIONS = ("ReduceMin", "ReduceMax", "Size")
+
+
+def reduction_nodes(names: Sequence[str]) -> list[onnx.NodeProto]:
+    """ReduceMin, ReduceMax and Size of each named tensor, as nodes writing `NAME/onnxopt_OP`.
 
     Min/max calibration needs three numbers per tensor and sample; computing them
     in the graph saves ORT from keeping and copying out every whole tensor.
     """
-    extended = onnx.ModelProto()
-    extended.CopyFrom(model)
-    graph = extended.graph
-    for name in names:
-        for op in ("ReduceMin", "ReduceMax", "Size"):
-            attrs = {"keepdims": 0} if op != "Size" else {}
-            out = f"{name}/onnxopt_{op}"
-            graph.node.append(onnx.helper.make_node(op, [name], [out], **attrs))
-            graph.output.append(onnx.ValueInfoProto(name=out))
-    return extended
+    return [
+        onnx.helper.make_node(op, [name], [f"{name}/onnxopt_{op}"], **_keepdims(op))
+        for name in names
+        for op in REDUCTIONS
+    ]
+
+
+def _keepdims(op: str) -> dict[str, int]:
+    return {} if op == "Size" else {"keepdims": 0}
 
 
 def _collect_ranges(
@@ -441,10 +456,12 @@ def _collect_ranges(
     progress: Progress | None,
 ) -> int:
     total = _length(feeds)
-    wanted = [f"{n}/onnxopt_{op}" for n in stats for op in ("ReduceMin", "ReduceMax", "Size")]
-    extended = reduction_model(model, list(stats))
+    nodes = reduction_nodes(list(stats))
+    wanted = [out for node in nodes for out in node.output]
+    session = session_with_outputs(model, wanted, providers, threads=threads, extra_nodes=nodes)
     count = 0
-    for values in iter_tensors(extended, feeds, wanted, providers=providers, threads=threads):
+    for feed in feeds:
+        values = run(session, feed, wanted)
         for name, stat in stats.items():
             size = int(values[f"{name}/onnxopt_Size"])
             if size:

@@ -165,16 +165,18 @@ def session_with_outputs(
     *,
     threads: int | None = None,
     optimization: str = "basic",
+    extra_nodes: Sequence[onnx.NodeProto] = (),
 ) -> ort.InferenceSession:
     """A session that also returns the named intermediate tensors.
 
-    The names are added to the model's outputs only while it is serialized, so
-    the caller's model is left as it was and no second copy of its weights is
-    kept alive beside the one ORT holds.
+    The names (and `extra_nodes`, such as reductions of them) are added to the
+    model only while it is serialized, so the caller's model is left as it was
+    and no second copy of its weights is kept alive beside the one ORT holds.
     """
     graph_outputs = model.graph.output
     present = {o.name for o in graph_outputs}
     added = 0
+    model.graph.node.extend(extra_nodes)
     for name in names:
         if name not in present:
             graph_outputs.append(onnx.ValueInfoProto(name=name))
@@ -186,6 +188,7 @@ def session_with_outputs(
         data = model.SerializeToString()
     finally:
         del graph_outputs[len(graph_outputs) - added :]
+        del model.graph.node[len(model.graph.node) - len(extra_nodes) :]
     return create_session(data, providers, threads=threads, optimization=optimization)
 
 

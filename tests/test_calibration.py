@@ -182,6 +182,23 @@ def test_entropy_and_mse_clip_a_gaussian_tail_but_not_a_uniform_one() -> None:
         assert compute_range(uniform, method, symmetric=True)[1] > 0.97, method
 
 
+def test_entropy_range_does_not_jump_when_a_one_sided_tensor_gets_a_tiny_negative_tail() -> None:
+    # An asymmetric 8-bit grid over [-0.001, 13] gives the positive side ~256 levels,
+    # as over [0, 13]: the KL search must count them so, not fall back to the
+    # symmetric grid's 128 (which picks a different threshold on this data).
+    rng = np.random.default_rng(4)
+    positive = rng.exponential(1.0, 200_000)
+    ranges = []
+    for data in (positive, np.concatenate([positive, -rng.uniform(0, 1e-3, 50)])):
+        stats = TensorStats("t", histogram=Histogram(2048))
+        stats.update(data.astype(np.float32))
+        ranges.append(compute_range(stats, "entropy"))
+        with_half_levels = stats.histogram.entropy_threshold(levels=128)
+    assert ranges[0][1] < positive.max()  # a clipped range: the tail is long
+    assert abs(ranges[1][1] - ranges[0][1]) <= 2 * stats.histogram.width
+    assert abs(ranges[1][1] - with_half_levels) > 10 * stats.histogram.width
+
+
 def test_range_methods_need_histograms() -> None:
     stats = TensorStats("t")
     stats.update(np.ones(4, np.float32))
