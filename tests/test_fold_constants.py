@@ -115,6 +115,48 @@ def test_reshape_target_from_own_shape_becomes_constant() -> None:
     assert np.array_equal(_run(result.model, feed)[0], feed["x"].reshape(5, 12))
 
 
+def test_reshape_target_from_another_tensors_same_symbolic_dim_becomes_constant() -> None:
+    # Attention-style: the batch dim is read from the MatMul's input x and used to
+    # reshape the MatMul's output; shape inference names both dims "n", so the
+    # target becomes [0, 8, 2, 3]. A dim of another symbol ("m") must not fold.
+    x = h.make_tensor_value_info("x", T.FLOAT, ["n", 8, 4])
+    other = h.make_tensor_value_info("other", T.FLOAT, ["m", 8])
+    y = h.make_tensor_value_info("y", T.FLOAT, ["n", 8, 2, 3])
+    z = h.make_tensor_value_info("z", T.FLOAT, ["m", 8, 2, 3])
+    nodes = [
+        h.make_node("MatMul", ["x", "w"], ["proj"]),
+        h.make_node("Shape", ["x"], ["s"]),
+        h.make_node("Gather", ["s", "zero"], ["batch"], axis=0),
+        h.make_node("Unsqueeze", ["batch", "axes"], ["batch1"]),
+        h.make_node("Concat", ["batch1", "rest"], ["target"], axis=0),
+        h.make_node("Reshape", ["proj", "target"], ["y"]),
+        h.make_node("Shape", ["other"], ["s2"]),
+        h.make_node("Gather", ["s2", "zero"], ["m"], axis=0),
+        h.make_node("Unsqueeze", ["m", "axes"], ["m1"]),
+        h.make_node("Concat", ["m1", "rest"], ["target2"], axis=0),
+        h.make_node("Reshape", ["proj", "target2"], ["z"]),
+    ]
+    inits = [
+        nh.from_array(np.ones((4, 6), np.float32), "w"),
+        nh.from_array(np.array(0, np.int64), "zero"),
+        nh.from_array(np.array([0], np.int64), "axes"),
+        nh.from_array(np.array([8, 2, 3], np.int64), "rest"),
+    ]
+    model = _model(nodes, [x, other], [y, z], inits)
+    result = optimize(model, "fold-constants", strict=True)
+    reshapes = [n for n in result.model.graph.node if n.op_type == "Reshape"]
+    constants = {t.name: nh.to_array(t) for t in result.model.graph.initializer}
+    assert constants[reshapes[0].input[1]].tolist() == [0, 8, 2, 3]
+    assert reshapes[1].input[1] not in constants  # "m" is not "n": still computed
+    feed = {
+        "x": np.random.default_rng(0).standard_normal((5, 8, 4)).astype(np.float32),
+        "other": np.zeros((5, 8), np.float32),
+    }
+    expected = _run(model, feed)
+    for got, want in zip(_run(result.model, feed), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_independent_regions_are_computed_in_one_session(monkeypatch) -> None:
     calls: list[int] = []
     real = evaluate_module.run_all

@@ -110,7 +110,9 @@ def _clamp(start: int, end: int, step: int, size: int) -> tuple[int | None, int 
 
 # ---- Reshape targets built from the input's own shape --------------------------------------
 
-Element = int | tuple[int, int]  # a known value, or (id(tensor), axis): that tensor's dim
+# A known value, or (id(tensor), axis, dim): that tensor's dim, with its symbolic name
+# when shape inference gave one (equal names from one inference are equal values).
+Element = int | tuple[int, int, Dim]
 
 
 def shape_elements(tensor: gs.Tensor, table: ShapeTable, depth: int = 0) -> list[Element] | None:
@@ -132,7 +134,7 @@ def shape_elements(tensor: gs.Tensor, table: ShapeTable, depth: int = 0) -> list
         end = node.attrs.get("end")
         axes = list(range(len(shape)))[slice(start, None if end is None else int(end))]
         source = id(node.inputs[0])
-        return [shape[a] if isinstance(shape[a], int) else (source, a) for a in axes]
+        return [shape[a] if isinstance(shape[a], int) else (source, a, shape[a]) for a in axes]
     if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
         if op == "Cast" and np_kind(int(node.attrs.get("to", 0))) not in "iu":
             return None
@@ -171,8 +173,9 @@ def static_reshape_target(node: gs.Node, table: ShapeTable) -> np.ndarray | None
     """A constant target equivalent to a Reshape's computed one, or None.
 
     An element equal to the input's own dim at the same position becomes 0
-    (copy); one remaining unknown element becomes -1 when the known factors on
-    both sides prove that -1 resolves to exactly that dim.
+    (copy): the dim read from the input itself, or from any tensor whose dim has
+    the same symbolic name. One remaining unknown element becomes -1 when the
+    known factors on both sides prove that -1 resolves to exactly that dim.
     """
     if len(node.inputs) < 2 or constant_value(node.inputs[1]) is not None:
         return None
@@ -188,7 +191,7 @@ def static_reshape_target(node: gs.Node, table: ShapeTable) -> np.ndarray | None
     for k, element in enumerate(elements):
         if isinstance(element, int):
             target.append(element)
-        elif element == (source, k) and not allowzero and k < len(shape):
+        elif not allowzero and k < len(shape) and _same_dim(element, source, k, shape[k]):
             target.append(0)
         else:
             target.append(-1)
@@ -203,6 +206,12 @@ def static_reshape_target(node: gs.Node, table: ShapeTable) -> np.ndarray | None
         if not _same_product(target, position, shape, element[1]):
             return None
     return np.array(target, dtype=np.int64)
+
+
+def _same_dim(element: tuple[int, int, Dim], source: int, axis: int, dim: Dim) -> bool:
+    if element[:2] == (source, axis):
+        return True
+    return isinstance(dim, str) and element[2] == dim
 
 
 def _same_product(target: list[int], skip: int, shape: tuple, axis: int) -> bool:
