@@ -22,10 +22,11 @@ percentile (99.99); every other setting is its default.
 For each model, method and tool a fresh child process quantizes the model: its
 calibration wall time (onnxopt's `calibration_seconds`; for ORT, from making its
 calibrator to getting the ranges), the whole call's wall time (model file to
-quantized model) and its peak RSS (VmHWM) are recorded. Then fp32, ORT's int8 and onnxopt's int8 models are timed in one
-interleaved `onnxopt.bench` run on the CPU provider, and scored: detection by
-the agreement of the probability map thresholded at 0.3 with fp32's, ResNet-50
-by top-1 agreement with fp32, digits by top-1 on the held-out labels.
+quantized model) and its peak RSS (VmHWM) are recorded. Then fp32, ORT's int8
+and onnxopt's int8 models are timed in one interleaved `onnxopt.bench` run on
+the CPU provider, and scored: detection by the agreement of the probability map
+thresholded at 0.3 with fp32's, ResNet-50 by top-1 agreement with fp32, digits
+by top-1 on the held-out labels.
 
 Writes benchmarks/results/quantize.json and quantize.md and prints the table.
 """

@@ -36,7 +36,7 @@ import onnx
 from .data import FeedSource, load_feeds, model_inputs
 from .errors import FeedError, ModelError
 from .graph import unique_name
-from .model import default_opset, load_model, upgrade_opset
+from .model import default_opset, inferred_shapes, load_model, upgrade_opset
 from .report import Table
 from .runtime import FLOAT_TYPES, float_tensor_names, iter_tensors
 from .verify import ErrorStats
@@ -212,6 +212,11 @@ class _Shadow:
             | set(self.initializers)
         )
         self.made: dict[str, str] = {}  # quantized-model tensor -> its shadow copy
+        # The quantize pass may run row-wise layers on [rows, features] where the float
+        # model has [batch, tokens, features]: shapes tell where a float value needs a
+        # Reshape before a copied node can read it.
+        self.q_shapes = inferred_shapes(quantized)
+        self.f_shapes = inferred_shapes(reference)
 
     def fresh(self, base: str) -> str:
         return unique_name(f"{SHADOW}/{base}", self.taken)
@@ -245,9 +250,21 @@ class _Shadow:
         self.model.graph.node.append(copy)
 
     def float_name(self, name: str) -> str | None:
-        """The float-model tensor that quantized-model tensor `name` stands for."""
+        """The float-model tensor that quantized-model tensor `name` stands for (its values,
+        perhaps in another shape)."""
         if name in self.float_values:
             return name
+        # Rows made from a float tensor, or rows a Reshape turns back into one.
+        source = self.producer.get(name)
+        if (
+            source is not None
+            and source.op_type == "Reshape"
+            and source.input[0] in self.float_values
+        ):
+            return source.input[0]
+        for reader in self.readers.get(name, []):
+            if reader.op_type == "Reshape" and reader.output[0] in self.float_values:
+                return reader.output[0]
         # A quantized output renamed by the quantize pass: follow its Q to the DQ.
         for q in self.readers.get(name, []):
             if q.op_type != "QuantizeLinear":
@@ -256,6 +273,24 @@ class _Shadow:
                 if dq.op_type == "DequantizeLinear" and dq.output[0] in self.float_values:
                     return dq.output[0]
         return None
+
+    def in_layout(self, float_name: str, name: str) -> str:
+        """`float_name` in the shape the quantized model gives `name` (a Reshape if needed)."""
+        want, have = self.q_shapes.get(name), self.f_shapes.get(float_name)
+        if want is None or have is None or len(want) == len(have):
+            return float_name
+        target = [d if isinstance(d, int) else -1 for d in want]
+        if target.count(-1) > 1:
+            raise _Skip(f"input '{name}' has another layout than in the float model")
+        shape = self.fresh(f"{name}_shape")
+        self.model.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.array(target, np.int64), shape)
+        )
+        out = self.fresh(name)
+        self.model.graph.node.append(
+            onnx.helper.make_node("Reshape", [float_name, shape], [out], self.fresh("Reshape"))
+        )
+        return out
 
     def shadow_input(self, name: str) -> str:
         """The shadow-model tensor that feeds the copy in place of input `name`."""
@@ -275,7 +310,8 @@ class _Shadow:
                 q = self.producer.get(source)
                 origin = name if name in self.float_values else None
                 if origin is None and q is not None and q.op_type == "QuantizeLinear":
-                    origin = q.input[0] if q.input[0] in self.float_values else None
+                    found = self.float_name(q.input[0])
+                    origin = self.in_layout(found, q.input[0]) if found is not None else None
                 if q is None or q.op_type != "QuantizeLinear" or origin is None:
                     raise _Skip(f"input '{name}' is not a Q/DQ of a tensor of the float model")
                 # The DQ's own scale and zero point: a DQ that absorbed a Mul by a scalar
@@ -287,8 +323,8 @@ class _Shadow:
             self.copy_node(dq, [stored, *params], [out])
         elif self.is_constant(name):
             out = self.copy_constant(name)
-        elif name in self.float_values:
-            out = name
+        elif self.float_name(name) is not None:
+            out = self.in_layout(self.float_name(name), name)  # type: ignore[arg-type]
         else:
             raise _Skip(f"input '{name}' has no counterpart in the float model")
         self.made[name] = out
@@ -355,6 +391,13 @@ def _shadow_model(
     return model, probes, notes
 
 
+def _like(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    # A row-wise layer's rows hold the float tensor's elements in the same order.
+    if value.shape != reference.shape and value.size == reference.size:
+        return value.reshape(reference.shape)
+    return value
+
+
 def analyze(
     reference: Any,
     quantized: Any,
@@ -406,8 +449,9 @@ def analyze(
     for floats, quants in zip(shadow_iter, quant_iter, strict=True):
         for p, isolated, accumulated in zip(probes, iso, acc, strict=True):
             for actual, ref, copy in zip(p.actual, p.reference, p.shadow, strict=True):
-                isolated.update(floats[ref], floats[copy])
-                accumulated.update(floats[ref], quants[actual])
+                expected = floats[ref]
+                isolated.update(expected, _like(floats[copy], expected))
+                accumulated.update(expected, _like(quants[actual], expected))
         count += 1
     if count == 0:
         raise FeedError("no feeds to analyse on: the data holds no samples")

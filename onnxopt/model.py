@@ -153,6 +153,46 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(data_bytes(tensor) for tensor in iter_tensors(model.graph))
 
 
+def inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+    """The shape of every main-graph tensor onnx shape inference can tell (a dim is its
+    size, its symbolic name or None).
+
+    Runs on a copy without weight data (initializers over 1 KiB become typed
+    inputs; small ones such as Reshape targets keep their values), so a large
+    model is not copied for it.
+    """
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    known = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if init.name in known:
+            continue
+        if data_bytes(init) <= 1024:
+            graph.initializer.append(init)
+        else:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+            )
+    graph.output.extend(model.graph.output)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    except Exception:  # shape inference is a help here, never a requirement
+        inferred = light
+    shapes: dict[str, tuple[int | str | None, ...]] = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[info.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in tensor_type.shape.dim
+            )
+    return shapes
+
+
 def needs_external_data(model: onnx.ModelProto) -> bool:
     return tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
 

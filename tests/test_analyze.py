@@ -200,9 +200,14 @@ def test_transformer_ranks_the_feed_forward_output_projection_first(digits) -> N
     inputs = {}
     for node in quantized_nodes(qmodel):
         dq = producer[node.input[0]]
-        inputs[node.name] = (
-            node.input[0] if node.input[0] in floats else producer[dq.input[0]].input[0]
-        )
+        name = node.input[0] if node.input[0] in floats else producer[dq.input[0]].input[0]
+        if name not in floats:  # rows: made from a float tensor, or turned back into one
+            made = producer[name]
+            back = [n.output[0] for n in qmodel.graph.node if n.input[:1] == [name]]
+            name = (
+                made.input[0] if made.op_type == "Reshape" else next(b for b in back if b in floats)
+            )
+        inputs[node.name] = name
     peaks = dict.fromkeys(inputs.values(), 0.0)
     squares = dict.fromkeys(inputs.values(), 0.0)
     count = dict.fromkeys(inputs.values(), 0)

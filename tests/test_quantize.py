@@ -343,7 +343,8 @@ def test_transformer_static_keeps_attention_and_norms_float() -> None:
             assert producers.get(node.input[0]) != "DequantizeLinear", node.name
         if node.name == "attn.scores":  # Q x K^T: two computed inputs
             assert all(producers.get(i) != "DequantizeLinear" for i in node.input)
-    weighted = [n for n in qmodel.graph.node if n.op_type == "MatMul"]
+    # The six linear layers (row-wise, so now Gemms with their biases) have int8 weights.
+    weighted = [n for n in qmodel.graph.node if n.op_type in ("MatMul", "Gemm")]
     assert sum(producers.get(n.input[1]) == "DequantizeLinear" for n in weighted) == 6
     test = RandomFeeds(model_inputs(model), 4, seed=9)
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

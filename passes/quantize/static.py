@@ -26,7 +26,7 @@ from onnxopt.graph import to_graph, to_model
 from onnxopt.model import upgrade_opset
 from onnxopt.pass_api import PassContext
 
-from . import prepare
+from . import prepare, rows
 from .bias_correction import Applied, LayerProbe, apply_deltas, layer_probes
 from .bias_correction import measure as measure_shifts
 from .bias_correction import summary as bias_summary
@@ -45,6 +45,7 @@ from .placement import OPT_IN_OPS, Plan, plan_quantization
 from .precision import MASK_RANGE, Overrides, Precision, mask_dominated, reason_notes, resolve
 from .progress import calibration_progress
 from .qdq import Namer, QType
+from .rows import flatten_rows
 
 MAX_MASK_ROUNDS = 4
 INT16_OPSET = 21
@@ -128,11 +129,19 @@ class StaticQuantizer:
         self.ranks = prepare.tensor_ranks(self.model)
         if config.fold and self._gemm_is_matmul():
             graph = to_graph(self.model)
-            gemms = prepare.matmul_add_to_gemm(graph, self.ranks, Namer(graph), skip)
+            namer = Namer(graph)
+            regions = flatten_rows(graph, namer, skip)
+            gemms = prepare.matmul_add_to_gemm(
+                graph, rows.ranks(graph) if regions else self.ranks, namer, skip
+            )
+            if regions:
+                config.stats["row_regions_flattened"] = regions
             if gemms:
                 config.stats["matmul_add_to_gemm"] = gemms
+            if regions or gemms:
                 graph.cleanup(remove_unused_graph_inputs=False)
                 self.model = to_model(graph)
+                self.ranks = prepare.tensor_ranks(self.model)
                 self.prepared = True
             _release(graph)
         self.precision, notes = resolve(to_graph(self.model), config.overrides)
