@@ -82,10 +82,13 @@ def resolve_providers(names: str | Sequence[str]) -> list[str]:
     return resolved
 
 
-def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None, optimization: str = "all", memory_pattern: bool = True
+) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPT_LEVELS[optimization]
     options.log_severity_level = 3
+    options.enable_mem_pattern = memory_pattern
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -98,9 +101,10 @@ def create_session(
     *,
     threads: int | None = None,
     optimization: str = "all",
+    memory_pattern: bool = True,
 ) -> ort.InferenceSession:
     """An InferenceSession on the given providers (short names); large models go through disk."""
-    options = session_options(threads, optimization)
+    options = session_options(threads, optimization, memory_pattern)
     resolved = resolve_providers(providers)
     try:
         if isinstance(model, onnx.ModelProto):
@@ -182,14 +186,17 @@ def session_with_outputs(
             graph_outputs.append(onnx.ValueInfoProto(name=name))
             present.add(name)
             added += 1
+    # A capture session returns hundreds of tensors or reductions; without ORT's
+    # precomputed memory pattern, PP-OCRv4 min/max calibration ran 8-10 % faster.
+    kwargs = {"threads": threads, "optimization": optimization, "memory_pattern": False}
     try:
         if tensor_bytes(model) >= DISK_SESSION_BYTES:
-            return create_session(model, providers, threads=threads, optimization=optimization)
+            return create_session(model, providers, **kwargs)
         data = model.SerializeToString()
     finally:
         del graph_outputs[len(graph_outputs) - added :]
         del model.graph.node[len(model.graph.node) - len(extra_nodes) :]
-    return create_session(data, providers, threads=threads, optimization=optimization)
+    return create_session(data, providers, **kwargs)
 
 
 def iter_tensors(
