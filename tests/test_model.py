@@ -15,6 +15,7 @@ from onnxopt.errors import ExternalDataError, ModelError
 from onnxopt.model import (
     check_model,
     default_opset,
+    iter_tensors,
     load_model,
     save_model,
     tensor_bytes,
@@ -163,6 +164,49 @@ def test_default_opset_and_upgrade() -> None:
     assert default_opset(upgraded) == 13
     assert upgrade_opset(upgraded, 12) is upgraded
     check_model(upgraded)
+
+
+def test_external_save_and_upgrade_leave_the_callers_model_as_it_was(tmp_path: Path) -> None:
+    # Both work from a weightless copy; the caller's model (weights, an If branch with
+    # its own large constant) must come out byte-identical, and the upgraded model
+    # must carry every weight over exactly.
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 64)).astype(np.float32)
+    branch_value = rng.standard_normal((16, 64)).astype(np.float32)
+    branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(branch_value))],
+        "then",
+        [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [16, 64])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+            helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [16, 64]),
+        ],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    before = model.SerializeToString()
+    save_model(model, tmp_path / "m.onnx", external_data=True)
+    upgraded = upgrade_opset(model, 13)
+    assert model.SerializeToString() == before
+    assert default_opset(upgraded) == 13
+    assert all(t.data_location == TensorProto.DEFAULT for t in iter_tensors(upgraded.graph))
+    np.testing.assert_array_equal(numpy_helper.to_array(upgraded.graph.initializer[0]), weight)
+    constant = upgraded.graph.node[1].attribute[0].g.node[0].attribute[0].t
+    np.testing.assert_array_equal(numpy_helper.to_array(constant), branch_value)
+    stored = onnx.load(tmp_path / "m.onnx")
+    np.testing.assert_array_equal(numpy_helper.to_array(stored.graph.initializer[0]), weight)
 
 
 def test_upgrade_converts_ops_whose_signature_changed() -> None:
