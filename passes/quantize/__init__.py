@@ -41,7 +41,8 @@ class Quantize(Pass):
     Constant nodes, folds BatchNorm and per-channel Mul/Div that follow a Conv into
     the Conv, turns division by a constant into multiplication (back into the Div
     where it stays float), merges chains of scalar multiplications, turns
-    two-input Sum into Add and a 2-D MatMul + bias Add into Gemm. Then:
+    two-input Sum into Add, runs a transformer's row-wise layers on 2-D rows and
+    turns each 2-D MatMul + bias Add into Gemm. Then:
     - Conv, MatMul and Gemm with a constant weight are quantized: weights int8
       symmetric per output channel (per tensor with per_channel=false), a Conv/Gemm
       bias int32 with scale = input scale x weight scale, activations uint8

@@ -45,7 +45,6 @@ from .placement import OPT_IN_OPS, Plan, plan_quantization
 from .precision import MASK_RANGE, Overrides, Precision, mask_dominated, reason_notes, resolve
 from .progress import calibration_progress
 from .qdq import Namer, QType
-from .rows import flatten_rows
 
 MAX_MASK_ROUNDS = 4
 INT16_OPSET = 21
@@ -130,7 +129,7 @@ class StaticQuantizer:
         if config.fold and self._gemm_is_matmul():
             graph = to_graph(self.model)
             namer = Namer(graph)
-            regions = flatten_rows(graph, namer, skip)
+            regions = rows.flatten_rows(graph, namer, skip)
             gemms = prepare.matmul_add_to_gemm(
                 graph, rows.ranks(graph) if regions else self.ranks, namer, skip
             )
