@@ -76,6 +76,8 @@ def _perm(node: gs.Node | None, perm: list[int]) -> bool:
 def _match(graph: gs.Graph, split_shape: gs.Node) -> _Match | None:
     if split_shape.op != "Reshape" or not is_default(split_shape):
         return None
+    if int(split_shape.attrs.get("allowzero", 0)):
+        return None
     if (graph.opset or 0) < 13:  # Split sizes and Squeeze axes as inputs
         return None
     target = int_list(split_shape.inputs[1])
