@@ -22,7 +22,8 @@ percentile (99.99); every other setting is its default.
 For each model, method and tool a fresh child process quantizes the model: its
 calibration wall time (onnxopt's `calibration_seconds`; for ORT, from making its
 calibrator to getting the ranges), the whole call's wall time (model file to
-quantized model) and its peak RSS (VmHWM) are recorded. Then fp32, ORT's int8
+quantized model) and its peak RSS (VmHWM) are recorded; with `--repeats N`, N
+children per tool alternate and each figure is their median. Then fp32, ORT's int8
 and onnxopt's int8 models are timed in one interleaved `onnxopt.bench` run on
 the CPU provider, and scored: detection by the agreement of the probability map
 thresholded at 0.3 with fp32's, ResNet-50 by top-1 agreement with fp32, digits
@@ -292,7 +293,9 @@ def latency(info: dict[str, Any], paths: list[Path], runs: int, threads: int) ->
 # ---- parent ----------------------------------------------------------------------------------
 
 
-def measure(info: dict[str, Any], methods: list[str], runs: int, threads: int) -> list[dict]:
+def measure(
+    info: dict[str, Any], methods: list[str], runs: int, threads: int, repeats: int = 1
+) -> list[dict]:
     rows = []
     folder = info["folder"]
     reference = None
@@ -304,11 +307,13 @@ def measure(info: dict[str, Any], methods: list[str], runs: int, threads: int) -
         ours, theirs = folder / f"onnxopt_{method}.onnx", folder / f"ort_{method}.onnx"
         # Alternate which tool goes first, so neither always meets a warmer machine.
         order = [("onnxopt", ours), ("ort", theirs)]
-        runs_of: dict[str, dict[str, Any]] = {}
-        for tool, target in order if index % 2 == 0 else order[::-1]:
-            source = info["model"] if tool == "onnxopt" else info["ort_model"]
-            print(f"  {info['name']} {method} {tool} ...", file=sys.stderr, flush=True)
-            runs_of[tool] = run_child(tool, method, source, info["calib"], target)
+        children: dict[str, list[dict[str, Any]]] = {"onnxopt": [], "ort": []}
+        for repeat in range(repeats):
+            for tool, target in order if (index + repeat) % 2 == 0 else order[::-1]:
+                source = info["model"] if tool == "onnxopt" else info["ort_model"]
+                print(f"  {info['name']} {method} {tool} ...", file=sys.stderr, flush=True)
+                children[tool].append(run_child(tool, method, source, info["calib"], target))
+        runs_of = {tool: _median_run(found) for tool, found in children.items()}
         row: dict[str, Any] = {"model": info["name"], "method": method, "metric": info["metric"]}
         row["fp32_score"] = fp32_score
         for tool, target in (("onnxopt", ours), ("ort", theirs)):
@@ -321,6 +326,18 @@ def measure(info: dict[str, Any], methods: list[str], runs: int, threads: int) -
             row["latency_ms"] = {"fp32": fp32, "ort": ort_t, "onnxopt": our_t}
         rows.append(row)
     return rows
+
+
+def _median_run(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """One child's figures, or the median of each over repeated children (all must succeed)."""
+    failed = [r for r in found if "error" in r]
+    if failed:
+        return failed[0]
+    merged = dict(found[0])
+    for key in ("seconds", "calibration_s", "peak_rss_mb"):
+        merged[key] = float(np.median([r[key] for r in found]))
+    merged["repeats"] = len(found)
+    return merged
 
 
 def table(rows: list[dict], threads: int, runs: int) -> Any:
@@ -419,6 +436,9 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model (interleaved)")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for timing")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="quantize children per tool (medians reported)"
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -432,7 +452,7 @@ def main() -> int:
         for name in [m for m in args.models.split(",") if m]:
             print(f"{name}: preparing", file=sys.stderr, flush=True)
             info = prepare(name, Path(tmp))
-            rows += measure(info, methods, args.runs, args.threads)
+            rows += measure(info, methods, args.runs, args.threads, args.repeats)
     t = table(rows, args.threads, args.runs)
     t.notes += targets(rows)
     t.notes.append(
