@@ -62,7 +62,6 @@ RESULTS = HERE / "results"
 ROOT = HERE.parent
 COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 INTEGER_KERNELS = ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul")
-SEQ, D_MODEL = 16, 64
 
 
 @dataclass
@@ -130,22 +129,11 @@ def text_direction_case() -> Case:
     )
 
 
-def block_feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(count):
-        mask = np.zeros((1, SEQ), np.int64)
-        mask[0, : int(rng.integers(4, SEQ + 1))] = 1
-        tokens = rng.standard_normal((1, SEQ, D_MODEL)).astype(np.float32)
-        feeds.append({"tokens": tokens, "attention_mask": mask})
-    return feeds
-
-
 def block_case() -> Case:
     from onnxopt.test_models import builders
 
     model = builders.transformer_block(seed=0)
-    test = block_feeds(64, 9)
+    test = builders.transformer_block_feeds(64, 9)
     reference = run_all(model, test).ravel().astype(np.float64)
 
     def cosine(hidden: np.ndarray) -> float:
@@ -155,7 +143,7 @@ def block_case() -> Case:
     return Case(
         "block",
         model,
-        block_feeds(32, 1),
+        builders.transformer_block_feeds(32, 1),
         lambda m: run_all(m, test),
         cosine,
         "output cosine",

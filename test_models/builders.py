@@ -328,3 +328,18 @@ ALL: dict[str, Callable[[], onnx.ModelProto]] = {
     "transformer_block": transformer_block,
 }
 """Each builder by name, called with its defaults."""
+
+
+def transformer_block_feeds(
+    count: int, seed: int, seq: int = 16, d_model: int = 64
+) -> list[dict[str, np.ndarray]]:
+    """Feeds for `transformer_block` (batch 1): standard-normal tokens and a padding mask
+    that keeps a random prefix of 4 to `seq` tokens."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(count):
+        mask = np.zeros((1, seq), np.int64)
+        mask[0, : int(rng.integers(4, seq + 1))] = 1
+        tokens = rng.standard_normal((1, seq, d_model)).astype(np.float32)
+        feeds.append({"tokens": tokens, "attention_mask": mask})
+    return feeds

@@ -15,19 +15,12 @@ from onnxopt.pass_api import PassContext, get_pass
 from onnxopt.pipeline import optimize
 from onnxopt.test_models import builders
 
-SEQ, D_MODEL = 16, 64
+SEQ, D_MODEL = 16, 64  # the builder block's defaults
 
 
 def block_feeds(model: onnx.ModelProto, count: int, seed: int) -> ListFeeds:
     """Normal tokens and a padding mask that keeps a random prefix of 4 to 16 tokens."""
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(count):
-        mask = np.zeros((1, SEQ), np.int64)
-        mask[0, : int(rng.integers(4, SEQ + 1))] = 1
-        tokens = rng.standard_normal((1, SEQ, D_MODEL)).astype(np.float32)
-        feeds.append({"tokens": tokens, "attention_mask": mask})
-    return ListFeeds(feeds, model_inputs(model))
+    return ListFeeds(builders.transformer_block_feeds(count, seed), model_inputs(model))
 
 
 def cosine(a: onnx.ModelProto, b: onnx.ModelProto, feeds) -> float:
