@@ -23,10 +23,19 @@ Rules:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import constant_value, consumers, int_list, is_default, is_graph_output
+from onnxopt.graph import (
+    constant_value,
+    consumers,
+    int_list,
+    is_default,
+    is_graph_output,
+    unique_name,
+)
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
 
 
@@ -52,12 +61,15 @@ class FuseAttention(Pass):
         return PassResult(True, {"fused": fused}, notes)
 
 
+@dataclass
 class _Match:
-    def __init__(self, source: gs.Tensor, packed: list[int], heads: int, size: int, scale: float):
-        self.source, self.packed = source, packed
-        self.heads, self.size, self.scale = heads, size, scale
-        self.merge: gs.Node | None = None  # the last Reshape, kept
-        self.nodes: list[gs.Node] = []  # the nodes replaced
+    source: gs.Tensor  # the packed q/k/v projection
+    packed: list[int]  # Reshape target giving it [B, S, 3 H D]
+    heads: int
+    size: int
+    scale: float
+    merge: gs.Node  # the last Reshape, kept
+    nodes: list[gs.Node]  # the nodes replaced
 
 
 def _only(tensor: gs.Tensor, graph: gs.Graph, op: str) -> gs.Node | None:
@@ -131,20 +143,15 @@ def _match(graph: gs.Graph, split_shape: gs.Node) -> _Match | None:
     if merged is None or merged[-1] != heads * size or 0 in merged[2:]:
         return None
     packed = [*target[:2], 3 * heads * size]  # 0s copy the same dims of x as before
-    match = _Match(split_shape.inputs[0], packed, heads, size, c if scaling.op == "Mul" else 1 / c)
-    match.merge = merge
-    match.nodes = [split_shape, heads_first, split, *parts, k_t, scores, scaling, softmax]
-    match.nodes += [context, heads_back]
-    return match
+    nodes = [split_shape, heads_first, split, *parts, k_t, scores, scaling, softmax]
+    scale = c if scaling.op == "Mul" else 1 / c
+    source = split_shape.inputs[0]
+    return _Match(source, packed, heads, size, scale, merge, [*nodes, context, heads_back])
 
 
 def _replace(graph: gs.Graph, match: _Match, taken: set[str]) -> None:
     def fresh(base: str) -> str:
-        name = base
-        while name in taken:
-            name += "_"
-        taken.add(name)
-        return name
+        return unique_name(base, taken)
 
     hidden = match.heads * match.size
     base = match.nodes[0].name or "attention"
@@ -178,7 +185,6 @@ def _replace(graph: gs.Graph, match: _Match, taken: set[str]) -> None:
             ),
         ]
     )
-    assert match.merge is not None
     match.merge.inputs[0] = out
     for node in match.nodes:
         node.outputs.clear()

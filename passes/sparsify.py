@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import PassError
-from onnxopt.graph import DEFAULT_DOMAINS, constant_value
+from onnxopt.graph import DEFAULT_DOMAINS, constant_value, unique_name
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -92,11 +92,7 @@ class Sparsify(Pass):
             new = [_zero_smallest([w], int(round(self.sparsity * w.size)))[0] for w in weights]
         taken = set(graph.tensors())
         for (name, (nodes, _)), value in zip(targets.items(), new, strict=True):
-            fresh = f"{name}.sparse"
-            while fresh in taken:
-                fresh += "_"
-            taken.add(fresh)
-            constant = gs.Constant(fresh, value)
+            constant = gs.Constant(unique_name(f"{name}.sparse", taken), value)
             for node in nodes:
                 node.inputs[1] = constant
         zeros = sum(int(np.count_nonzero(w == 0)) for w in new)
