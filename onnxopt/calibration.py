@@ -246,25 +246,9 @@ class Calibration:
     def has_histograms(self) -> bool:
         return all(s.histogram is not None for s in self.stats.values())
 
-    def range(
-        self,
-        name: str,
-        method: str = "minmax",
-        *,
-        symmetric: bool = False,
-        percentile: float = 99.99,
-        bits: int = 8,
-        moving_average: bool = False,
-    ) -> tuple[float, float]:
-        """The calibration range [low, high] of a tensor; it always holds 0."""
-        return compute_range(
-            self.stats[name],
-            method,
-            symmetric=symmetric,
-            percentile=percentile,
-            bits=bits,
-            moving_average=moving_average,
-        )
+    def range(self, name: str, method: str = "minmax", **options: Any) -> tuple[float, float]:
+        """The calibration range [low, high] of a tensor (`compute_range` and its options)."""
+        return compute_range(self.stats[name], method, **options)
 
     def save(self, path: str | os.PathLike) -> Path:
         data = {
@@ -437,14 +421,12 @@ def reduction_nodes(names: Sequence[str]) -> list[onnx.NodeProto]:
     in the graph saves ORT from keeping and copying out every whole tensor.
     """
     return [
-        onnx.helper.make_node(op, [name], [f"{name}/onnxopt_{op}"], **_keepdims(op))
+        onnx.helper.make_node(
+            op, [name], [f"{name}/onnxopt_{op}"], **({} if op == "Size" else {"keepdims": 0})
+        )
         for name in names
         for op in REDUCTIONS
     ]
-
-
-def _keepdims(op: str) -> dict[str, int]:
-    return {} if op == "Size" else {"keepdims": 0}
 
 
 def _collect_ranges(
