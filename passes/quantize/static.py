@@ -130,9 +130,9 @@ class StaticQuantizer:
             graph = to_graph(self.model)
             namer = Namer(graph)
             regions = rows.flatten_rows(graph, namer, skip)
-            gemms = prepare.matmul_add_to_gemm(
-                graph, rows.ranks(graph) if regions else self.ranks, namer, skip
-            )
+            # The Gemm rewrite keeps every tensor's rank (a Gemm writes its Add's output).
+            ranks = rows.ranks(graph) if regions else self.ranks
+            gemms = prepare.matmul_add_to_gemm(graph, ranks, namer, skip)
             if regions:
                 config.stats["row_regions_flattened"] = regions
             if gemms:
@@ -140,7 +140,7 @@ class StaticQuantizer:
             if regions or gemms:
                 graph.cleanup(remove_unused_graph_inputs=False)
                 self.model = to_model(graph)
-                self.ranks = prepare.tensor_ranks(self.model)
+                self.ranks = ranks
                 self.prepared = True
             _release(graph)
         self.precision, notes = resolve(to_graph(self.model), config.overrides)
