@@ -158,9 +158,9 @@ def _flatten(
     for tensor, width in variables.values():
         source = producer(tensor)
         readers = consumers(tensor)
-        enters = source is None or id(source) not in inside
-        leaves = is_graph_output(graph, tensor) or any(id(r) not in inside for r in readers)
         outside = [r for r in readers if id(r) not in inside]
+        enters = source is None or id(source) not in inside
+        leaves = is_graph_output(graph, tensor) or bool(outside)
         if enters and not outside and _reshape_to(source, [-1, width], namer):
             tensor.shape = None  # the Reshape that made it now makes the rows
             continue
@@ -170,27 +170,12 @@ def _flatten(
                 continue
         rows = gs.Variable(namer(f"{tensor.name}_rows"), dtype=tensor.dtype, shape=None)
         if enters:
-            target = gs.Constant(namer(f"{tensor.name}_rows_shape"), _target([-1, width]))
-            graph.nodes.append(
-                gs.Node(
-                    "Reshape",
-                    namer(f"{tensor.name}_to_rows"),
-                    inputs=[tensor, target],
-                    outputs=[rows],
-                )
-            )
+            _add_reshape(graph, namer, f"{tensor.name}_to_rows", tensor, [-1, width], rows)
         elif leaves:
             # The region writes the 2-D rows; the original name is rebuilt for the rest.
             source.outputs[source.outputs.index(tensor)] = rows
-            target = gs.Constant(namer(f"{tensor.name}_shape"), _target([*_restore(lead), width]))
-            graph.nodes.append(
-                gs.Node(
-                    "Reshape",
-                    namer(f"{tensor.name}_from_rows"),
-                    inputs=[rows, target],
-                    outputs=[tensor],
-                )
-            )
+            back = [*_restore(lead), width]
+            _add_reshape(graph, namer, f"{tensor.name}_from_rows", rows, back, tensor)
         else:
             tensor.shape = None  # an inner tensor: now 2-D, shape left to inference
             continue
@@ -205,6 +190,13 @@ def _flatten(
                 node.inputs[index] = gs.Constant(
                     namer(f"{tensor.name}_row"), np.ascontiguousarray(tensor.values).reshape(-1)
                 )
+
+
+def _add_reshape(
+    graph: gs.Graph, namer: Namer, name: str, data: gs.Tensor, dims: list[int], out: gs.Tensor
+) -> None:
+    target = gs.Constant(namer(f"{name}_shape"), _target(dims))
+    graph.nodes.append(gs.Node("Reshape", namer(name), inputs=[data, target], outputs=[out]))
 
 
 def _reshape_to(node: gs.Node | None, dims: list[int], namer: Namer) -> bool:
