@@ -1,8 +1,11 @@
 """Streaming statistics of tensors over a data set, and the calibration ranges drawn from them.
 
-Feeds go through ONNX Runtime one sample at a time (`runtime.iter_tensors`);
-each named tensor updates its running statistics and is let go, so memory
-holds one sample's tensors plus the statistics, however many samples there are.
+Feeds go through ONNX Runtime a bounded batch at a time (`batching`: one
+sample, or several where the model's batch dim allows); each named tensor
+updates its running statistics sample by sample and is let go, so memory holds
+one run's tensors plus the statistics, however many samples there are. Min/max
+calibration without histograms reads only each sample's min, max and size,
+reduced inside the graph (`minmax`).
 
 Statistics per tensor (`TensorStats`):
 - min and max over all samples, and optionally their moving averages over
@@ -30,25 +33,27 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import onnx
 
+from .batching import batches, plan_batches
 from .errors import FeedError
 from .histogram import DEFAULT_BINS, Histogram
+from .minmax import Progress, collect_ranges
 from .report import write_text
-from .runtime import float_tensor_names, iter_tensors, run, session_with_outputs
+from .runtime import float_tensor_names, iter_tensors
 
 RangeMethod = Literal["minmax", "percentile", "entropy", "mse"]
 RANGE_METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
 CACHE_FORMAT = "onnxopt-calibration"
 CACHE_VERSION = 1
-
-Progress = Callable[[int, int | None], None]
 
 
 class Statistic(Protocol):
@@ -207,20 +212,33 @@ def collect(
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> int:
-    """Run every feed once and update each tensor's statistics; return the sample count."""
+    """Run every feed once and update each tensor's statistics; return the sample count.
+
+    Samples share a run where the model allows it (`batching`); each statistic
+    still sees one sample's rows at a time.
+    """
     total = _length(feeds)
+    plan = plan_batches(model, list(stats))
+    bounds: deque[list[int]] = deque()
+
+    def joined() -> Iterator[dict[str, np.ndarray]]:
+        for batch in batches(feeds, plan.rows):
+            bounds.append(batch.bounds)
+            yield batch.feed
+
     count = 0
-    for values in iter_tensors(model, feeds, list(stats), providers=providers, threads=threads):
-        for name, targets in stats.items():
-            value = values[name]
-            for stat in targets if isinstance(targets, Sequence) else (targets,):
-                stat.update(value)
-            value = None
-        # Drop this sample's tensors before ORT allocates the next sample's.
-        values = None  # noqa: F841
-        count += 1
-        if progress is not None:
-            progress(count, total)
+    for values in iter_tensors(model, joined(), list(stats), providers=providers, threads=threads):
+        rows = bounds.popleft()
+        for start, end in pairwise(rows):
+            for name, targets in stats.items():
+                value = values[name] if plan.rows == 1 else values[name][start:end]
+                for stat in targets if isinstance(targets, Sequence) else (targets,):
+                    stat.update(value)
+            count += 1
+            if progress is not None:
+                progress(count, total)
+        # Drop this run's tensors before ORT allocates the next run's.
+        values = value = None  # noqa: F841
     if count == 0:
         raise FeedError("the calibration data holds no samples: pass a file or folder with some")
     return count
@@ -374,11 +392,14 @@ def calibrate(
     threads: int | None = None,
     progress: Progress | None = None,
     cache: str | os.PathLike | None = None,
+    nonnegative: Collection[str] = (),
 ) -> Calibration:
     """Statistics of `names` (default: every float node output) over `feeds`.
 
-    With `cache`, a stored calibration with the same key is returned without
-    running anything, and a fresh one is written there.
+    Without histograms, the tensors in `nonnegative` (such as Relu outputs) get
+    no min reduction: their min is recorded as 0, the low end of every range
+    drawn from them (`minmax`). With `cache`, a stored calibration with the same
+    key is returned without running anything, and a fresh one is written there.
     """
     wanted = list(names) if names is not None else float_tensor_names(model)
     settings = {
@@ -386,6 +407,8 @@ def calibrate(
         "bins": bins if histograms else 0,
         "averaging_constant": averaging_constant,
     }
+    if nonnegative and not histograms:
+        settings["nonnegative"] = sorted(set(nonnegative) & set(wanted))
     key = cache_key(model, wanted, feeds, settings) if cache is not None else ""
     if cache is not None:
         stored = Calibration.load(cache, key)
@@ -404,57 +427,20 @@ def calibrate(
             model, feeds, stats, providers=providers, threads=threads, progress=progress
         )
     else:
-        samples = _collect_ranges(model, feeds, stats, providers, threads, progress)
+        samples = collect_ranges(
+            model,
+            feeds,
+            stats,
+            nonnegative=nonnegative,
+            providers=providers,
+            threads=threads,
+            progress=progress,
+            total=_length(feeds),
+        )
     result = Calibration(stats, samples, key, settings)
     if cache is not None:
         result.save(cache)
     return result
-
-
-REDUCTIONS = ("ReduceMin", "ReduceMax", "Size")
-
-
-def reduction_nodes(names: Sequence[str]) -> list[onnx.NodeProto]:
-    """ReduceMin, ReduceMax and Size of each named tensor, as nodes writing `NAME/onnxopt_OP`.
-
-    Min/max calibration needs three numbers per tensor and sample; computing them
-    in the graph saves ORT from keeping and copying out every whole tensor.
-    """
-    return [
-        onnx.helper.make_node(
-            op, [name], [f"{name}/onnxopt_{op}"], **({} if op == "Size" else {"keepdims": 0})
-        )
-        for name in names
-        for op in REDUCTIONS
-    ]
-
-
-def _collect_ranges(
-    model: onnx.ModelProto,
-    feeds: Iterable[dict[str, np.ndarray]],
-    stats: dict[str, TensorStats],
-    providers: Sequence[str],
-    threads: int | None,
-    progress: Progress | None,
-) -> int:
-    total = _length(feeds)
-    nodes = reduction_nodes(list(stats))
-    wanted = [out for node in nodes for out in node.output]
-    session = session_with_outputs(model, wanted, providers, threads=threads, extra_nodes=nodes)
-    count = 0
-    for feed in feeds:
-        values = run(session, feed, wanted)
-        for name, stat in stats.items():
-            size = int(values[f"{name}/onnxopt_Size"])
-            if size:
-                low = float(values[f"{name}/onnxopt_ReduceMin"])
-                stat.update_range(low, float(values[f"{name}/onnxopt_ReduceMax"]), size)
-        count += 1
-        if progress is not None:
-            progress(count, total)
-    if count == 0:
-        raise FeedError("the calibration data holds no samples: pass a file or folder with some")
-    return count
 
 
 def channel_stats(

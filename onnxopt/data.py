@@ -12,6 +12,7 @@ feeds of the model's batch size (its static first dim, else `batch`).
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,18 +247,7 @@ class NpzFeeds(FeedSource):
         produced = 0
         for file in self.files:
             arrays = self._load(file)
-            names = {s.name for s in self.specs}
-            if set(arrays) != names:
-                raise FeedError(
-                    f"{file} has arrays {sorted(arrays)} but the model takes {sorted(names)}: "
-                    "key each array by the model's input name"
-                )
-            lengths = {
-                len(arrays[s.name]) // self._step(s) for s in self.specs if arrays[s.name].ndim
-            }
-            if len(lengths) != 1:
-                raise FeedError(f"{file}: inputs hold different numbers of samples")
-            for i in range(lengths.pop()):
+            for i in range(self._samples(file, {k: v.shape for k, v in arrays.items()})):
                 if self.limit is not None and produced >= self.limit:
                     return
                 feed = {}
@@ -268,9 +258,42 @@ class NpzFeeds(FeedSource):
                 yield check_feed(feed, self.specs, source=str(file))
                 produced += 1
 
+    def _samples(self, file: Path, shapes: dict[str, tuple[int, ...]]) -> int:
+        names = {s.name for s in self.specs}
+        if set(shapes) != names:
+            raise FeedError(
+                f"{file} has arrays {sorted(shapes)} but the model takes {sorted(names)}: "
+                "key each array by the model's input name"
+            )
+        lengths = {shapes[s.name][0] // self._step(s) for s in self.specs if shapes[s.name]}
+        if len(lengths) != 1:
+            raise FeedError(f"{file}: inputs hold different numbers of samples")
+        return lengths.pop()
+
+    def _header_shapes(self, file: Path) -> dict[str, tuple[int, ...]]:
+        """Each array's shape from its .npy header, without reading the array."""
+        shapes = {}
+        try:
+            with zipfile.ZipFile(file) as archive:
+                for info in archive.infolist():
+                    with archive.open(info) as stream:
+                        version = np.lib.format.read_magic(stream)
+                        read = (
+                            np.lib.format.read_array_header_1_0
+                            if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0
+                        )
+                        shapes[info.filename.removesuffix(".npy")] = read(stream)[0]
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise FeedError(
+                f"{file} is not a readable .npz file ({exc}): re-save it with numpy.savez"
+            ) from None
+        return shapes
+
     def __len__(self) -> int:
         if self._count is None:
-            self._count = sum(1 for _ in self)
+            total = sum(self._samples(f, self._header_shapes(f)) for f in self.files)
+            self._count = total if self.limit is None else min(total, self.limit)
         return self._count
 
 

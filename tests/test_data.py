@@ -97,6 +97,21 @@ def test_npz_folder_is_read_in_name_order(tmp_path: Path, dynamic_cnn) -> None:
     assert values == [1.0, 2.0]
 
 
+def test_npz_length_is_read_from_array_headers(tmp_path: Path, dynamic_cnn) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "a.npz", image=rng.standard_normal((3, 3, 16, 16)).astype(np.float32))
+    np.savez_compressed(
+        tmp_path / "b.npz", image=rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    )
+    specs = model_inputs(dynamic_cnn)
+    assert len(NpzFeeds(tmp_path, specs)) == len(list(NpzFeeds(tmp_path, specs))) == 5
+    assert len(NpzFeeds(tmp_path, specs, limit=4)) == len(list(NpzFeeds(tmp_path, specs, limit=4)))
+    assert len(NpzFeeds(tmp_path / "a.npz", specs, limit=4)) == 3
+    (tmp_path / "bad.npz").write_bytes(b"not a zip archive")
+    with pytest.raises(FeedError, match="not a readable .npz"):
+        len(NpzFeeds(tmp_path / "bad.npz", specs))
+
+
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [

@@ -476,6 +476,7 @@ def _calibrate(
             threads=ctx.threads,
             progress=report,
             cache=config.cache,
+            nonnegative={n.output[0] for n in model.graph.node if n.op_type == "Relu"},
         )
     seconds = time.perf_counter() - start
     config.stats["calibration_samples"] = calibration.samples

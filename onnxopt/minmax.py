@@ -1,0 +1,161 @@
+"""Each sample's min, max and size of named tensors, computed inside the ORT graph.
+
+Min/max calibration needs three numbers per tensor and sample. Reductions added
+to the graph (only while its session is built) spare ORT from copying every whole
+tensor out to Python.
+
+The session runs at ORT's full optimization level, which lays convolutions out
+in NCHWc blocks: ResNet-50's 16 calibration runs took 0.98 s there against
+1.19 s at the basic level. Any plain consumer of a blocked tensor costs a copy
+back to NCHW, so each number is read the cheapest way that stays exact:
+- max: GlobalMaxPool (which runs on the blocked layout) then ReduceMax, for
+  tensors of rank 3 or more; ReduceMax otherwise;
+- min: ReduceMin, except for tensors the caller declares non-negative (Relu
+  outputs): their min is recorded as 0, the low end of every range drawn from
+  them anyway, and is not read at all;
+- size: from the inferred shape when it is static, else a Size node.
+
+When samples share a run (`batching`), each tensor is flattened to [rows, -1]
+and reduced per row, and a sample's numbers are those of its rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .batching import BatchPlan, batches, plan_batches
+from .errors import FeedError
+from .model import default_opset, inferred_shapes
+from .runtime import run, session_with_outputs
+
+Progress = Callable[[int, int | None], None]
+
+
+class RangeStatistic(Protocol):
+    def update_range(self, low: float, high: float, elements: int) -> None: ...
+
+
+@dataclass
+class RangeReads:
+    """The nodes that read each tensor's numbers, and where each number is found."""
+
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    mins: dict[str, str] = field(default_factory=dict)
+    maxs: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, str | int] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> list[str]:
+        sizes = [s for s in self.sizes.values() if isinstance(s, str)]
+        return [*self.mins.values(), *self.maxs.values(), *sizes]
+
+
+def range_reads(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    nonnegative: Collection[str] = (),
+    plan: BatchPlan | None = None,
+) -> RangeReads:
+    """Nodes reading each named tensor's min, max and size: per sample, or per row
+    when `plan` batches samples."""
+    reads = RangeReads()
+    if plan is not None and plan.rows > 1:
+        opset = default_opset(model)
+        axes = "onnxopt_row_axes"
+        if opset >= 18:
+            reads.nodes.append(helper.make_node("Constant", [], [axes], value_ints=[1]))
+        for name in names:
+            flat = f"{name}/onnxopt_rows"
+            reads.nodes.append(helper.make_node("Flatten", [name], [flat], axis=1))
+            for op, found in (("ReduceMin", reads.mins), ("ReduceMax", reads.maxs)):
+                if op == "ReduceMin" and name in nonnegative:
+                    continue
+                out = found[name] = f"{name}/onnxopt_{op}"
+                inputs, attrs = ([flat, axes], {}) if opset >= 18 else ([flat], {"axes": [1]})
+                reads.nodes.append(helper.make_node(op, inputs, [out], keepdims=0, **attrs))
+            reads.sizes[name] = plan.row_elements[name]
+        return reads
+    shapes = inferred_shapes(model)
+    for name in names:
+        shape = shapes.get(name)
+        if name not in nonnegative:
+            out = reads.mins[name] = f"{name}/onnxopt_ReduceMin"
+            reads.nodes.append(helper.make_node("ReduceMin", [name], [out], keepdims=0))
+        source = name
+        if shape is not None and len(shape) >= 3:
+            source = f"{name}/onnxopt_GlobalMaxPool"
+            reads.nodes.append(helper.make_node("GlobalMaxPool", [name], [source]))
+        out = reads.maxs[name] = f"{name}/onnxopt_ReduceMax"
+        reads.nodes.append(helper.make_node("ReduceMax", [source], [out], keepdims=0))
+        if shape is not None and all(isinstance(d, int) for d in shape):
+            reads.sizes[name] = math.prod(shape)
+        else:
+            out = reads.sizes[name] = f"{name}/onnxopt_Size"
+            reads.nodes.append(helper.make_node("Size", [name], [out]))
+    return reads
+
+
+def collect_ranges(
+    model: onnx.ModelProto,
+    feeds: Iterable[dict[str, np.ndarray]],
+    stats: Mapping[str, RangeStatistic],
+    *,
+    nonnegative: Collection[str] = (),
+    providers: Sequence[str] = ("cpu",),
+    threads: int | None = None,
+    progress: Progress | None = None,
+    total: int | None = None,
+) -> int:
+    """Run every feed once and give each statistic every sample's (min, max, size);
+    return the sample count."""
+    plan = plan_batches(model, list(stats))
+    reads = range_reads(model, list(stats), nonnegative, plan)
+    wanted = reads.outputs
+    session = session_with_outputs(
+        model, wanted, providers, threads=threads, extra_nodes=reads.nodes, optimization="all"
+    )
+    count = 0
+    for batch in batches(feeds, plan.rows):
+        values = run(session, batch.feed, wanted)
+        for name, stat in stats.items():
+            for low, high, size in _sample_ranges(values, reads, name, batch.bounds):
+                if size:
+                    stat.update_range(low, high, size)
+        for _ in range(batch.samples):
+            count += 1
+            if progress is not None:
+                progress(count, total)
+    if count == 0:
+        raise FeedError("the calibration data holds no samples: pass a file or folder with some")
+    return count
+
+
+def _sample_ranges(
+    values: dict[str, np.ndarray], reads: RangeReads, name: str, bounds: list[int]
+) -> Iterator[tuple[float, float, int]]:
+    """Each sample's (min, max, size) of tensor `name` from one run's reductions."""
+    highs = values[reads.maxs[name]]
+    lows = values[reads.mins[name]] if name in reads.mins else np.zeros_like(highs)
+    size = reads.sizes[name]
+    per = int(values[size]) if isinstance(size, str) else size
+    if len(bounds) == 2 and highs.ndim == 0:
+        yield float(lows), float(highs), per
+        return
+    spans = list(zip(bounds, bounds[1:], strict=False))
+    starts = [start for start, end in spans if end > start]
+    if starts:
+        lows, highs = np.minimum.reduceat(lows, starts), np.maximum.reduceat(highs, starts)
+    filled = 0
+    for start, end in spans:
+        if end == start:
+            yield math.nan, math.nan, 0
+            continue
+        yield float(lows[filled]), float(highs[filled]), (end - start) * per
+        filled += 1

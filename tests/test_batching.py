@@ -1,0 +1,127 @@
+"""Samples sharing an ORT run: when a model allows it, and what calibration sees then."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnxopt.batching import MAX_ROWS, batches, plan_batches
+from onnxopt.calibration import TensorStats, calibrate
+from onnxopt.data import ListFeeds, model_inputs
+from onnxopt.histogram import Histogram
+from onnxopt.runtime import float_tensor_names, iter_tensors
+from onnxopt.test_models import builders, digits
+
+SAMPLES = 70  # one full batch of MAX_ROWS and a partial one
+
+
+@pytest.fixture(scope="module")
+def cnn() -> onnx.ModelProto:
+    return onnx.load(digits.DIGITS_CNN)
+
+
+@pytest.fixture(scope="module")
+def cnn_feeds(cnn: onnx.ModelProto) -> ListFeeds:
+    x_train, *_ = digits.load_digits_split()
+    return ListFeeds([{"image": x_train[i : i + 1]} for i in range(SAMPLES)], model_inputs(cnn))
+
+
+def _names(model: onnx.ModelProto) -> list[str]:
+    return ["image", *float_tensor_names(model)]
+
+
+def test_a_named_batch_dim_lets_samples_share_a_run(cnn, cnn_feeds) -> None:
+    names = _names(cnn)
+    plan = plan_batches(cnn, names)
+    assert plan.rows == MAX_ROWS
+    # Per-row sizes agree with what ORT returns for one sample.
+    (one,) = iter_tensors(cnn, cnn_feeds.take(1), names)
+    assert plan.row_elements == {n: math.prod(one[n].shape[1:]) for n in names}
+
+
+def _model(input_shape: list, reshape_to: list[int] | None = None) -> onnx.ModelProto:
+    nodes = [helper.make_node("Relu", ["x"], ["r"])]
+    inits = []
+    out = "r"
+    if reshape_to is not None:
+        inits.append(helper.make_tensor("shape", TensorProto.INT64, [2], reshape_to))
+        nodes.append(helper.make_node("Reshape", ["r", "shape"], ["flat"]))
+        out = "flat"
+    graph = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("model", "names"),
+    [
+        (builders.cnn(batch=1, size=16), ["image"]),  # fixed batch
+        (_model(["n", 4, "w"]), ["r"]),  # a dynamic dim past the batch
+        (_model(["n", 4, 6], reshape_to=[-1, 6]), ["r", "flat"]),  # the batch name is lost
+    ],
+    ids=["fixed-batch", "dynamic-width", "reshaped-batch"],
+)
+def test_models_that_cannot_batch_run_one_sample_at_a_time(model, names) -> None:
+    assert plan_batches(model, names).rows == 1
+
+
+def test_the_batch_is_bounded_by_the_bytes_of_a_row() -> None:
+    wide = _model(["n", 1024, 1024])  # 8 MiB a row over x and r
+    assert plan_batches(wide, ["r"]).rows == 4
+    assert plan_batches(_model(["n", 4, 6]), ["r"]).rows == MAX_ROWS
+
+
+def test_batches_join_consecutive_feeds_and_start_anew_on_another_layout() -> None:
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 4, 6)).astype(np.float32)} for _ in range(5)]
+    feeds.append({"x": rng.standard_normal((2, 4, 7)).astype(np.float32)})
+    found = list(batches(feeds, rows=3))
+    assert [b.bounds for b in found] == [[0, 1, 2, 3], [0, 1, 2], [0, 2]]
+    np.testing.assert_array_equal(found[0].feed["x"], np.concatenate([f["x"] for f in feeds[:3]]))
+    assert found[2].feed["x"] is feeds[5]["x"]  # a lone feed is passed as is
+    assert [b.samples for b in batches(feeds, rows=1)] == [1] * 6
+
+
+def test_batched_minmax_calibration_keeps_per_sample_statistics(cnn, cnn_feeds) -> None:
+    names = _names(cnn)
+    c = 0.1
+    result = calibrate(cnn, cnn_feeds, names, histograms=False, averaging_constant=c)
+    assert result.samples == SAMPLES
+    per_sample = list(iter_tensors(cnn, cnn_feeds, names))  # one sample per run
+    for name in names:
+        lows = [float(v[name].min()) for v in per_sample]
+        highs = [float(v[name].max()) for v in per_sample]
+        average = lows[0]
+        for low in lows[1:]:
+            average += c * (low - average)
+        stats = result.stats[name]
+        assert stats.min == pytest.approx(min(lows), rel=1e-6, abs=1e-6)
+        assert stats.max == pytest.approx(max(highs), rel=1e-6, abs=1e-6)
+        assert stats.average_min == pytest.approx(average, rel=1e-5, abs=1e-6)
+        assert stats.samples == SAMPLES
+        assert stats.elements == sum(v[name].size for v in per_sample)
+
+
+def test_batched_histograms_equal_per_sample_histograms(cnn, cnn_feeds) -> None:
+    names = ["/5/Relu_output_0", "/12/Gemm_output_0"]
+    result = calibrate(cnn, cnn_feeds, names, bins=256)
+    reference = {}
+    for name in names:
+        stats = TensorStats(name, histogram=Histogram(256))
+        for values in iter_tensors(cnn, cnn_feeds, [name]):
+            stats.update(values[name])
+        reference[name] = stats
+    for name in names:
+        ours, theirs = result.stats[name].histogram, reference[name].histogram
+        assert ours.limit == theirs.limit
+        np.testing.assert_array_equal(ours.counts, theirs.counts)
+        assert result.stats[name].average_max == pytest.approx(reference[name].average_max)
