@@ -37,12 +37,42 @@ def test_digits_transformer_attention_fuses_in_float_and_after_quantize() -> Non
     assert len(simplified.graph.node) - len(fused.model.graph.node) == 2 * (12 - 3)
     feed = {"image": x_test}
     np.testing.assert_allclose(outputs(fused.model, feed), outputs(model, feed), atol=1e-5)
-    # After quantize (its row-wise layers on 2-D), the float attention core still fuses
-    # and the top-1 holds.
-    quantized = optimize(model, "simplify,quantize,fuse-attention", PassContext(feeds=feeds))
-    assert quantized.records[-1].stats["fused"] == 2
+    # After quantize (its row-wise layers on 2-D), each block's quantized q/k/v
+    # projection joins its attention in one QAttention, with the same outputs as the
+    # unfused int8 model, and the top-1 holds.
+    int8 = optimize(model, "simplify,quantize", PassContext(feeds=feeds)).model
+    quantized = optimize(int8, "fuse-attention", strict=True)
+    assert quantized.records[-1].stats == {"fused": 2, "quantized": 2}
+    ops = Counter(n.op_type for n in quantized.model.graph.node)
+    assert ops["QAttention"] == 2 and not ops["MultiHeadAttention"] and not ops["Split"]
+    np.testing.assert_allclose(outputs(quantized.model, feed), outputs(int8, feed), atol=1e-5)
     top1 = float(np.mean(outputs(quantized.model, feed).argmax(axis=1) == y_test))
     assert top1 >= float(np.mean(outputs(model, feed).argmax(axis=1) == y_test)) - 0.005
+
+
+def test_quantized_projection_with_another_scale_keeps_multi_head_attention() -> None:
+    # QAttention scales by 1/sqrt(head size) only: with any other factor the quantized
+    # projection stays a Gemm and the attention core becomes MultiHeadAttention.
+    model = optimize(onnx.load(str(TRANSFORMER)), "simplify", strict=True).model
+    graph = model.graph
+    produced = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type == "Softmax":
+            scaling = produced[node.input[0]]
+            constant = next(i for i in graph.initializer if i.name == scaling.input[1])
+            value = onnx.numpy_helper.to_array(constant) * 0.5
+            constant.CopyFrom(onnx.numpy_helper.from_array(value, constant.name))
+    x_train, _, x_test, _ = load_digits_split()
+    feeds = ListFeeds(
+        [{"image": x_train[i : i + 32]} for i in range(0, 128, 32)], model_inputs(model)
+    )
+    int8 = optimize(model, "quantize", PassContext(feeds=feeds)).model
+    fused = optimize(int8, "fuse-attention", strict=True)
+    assert fused.records[-1].stats == {"fused": 2, "quantized": 0}
+    ops = Counter(n.op_type for n in fused.model.graph.node)
+    assert ops["MultiHeadAttention"] == 2 and not ops["QAttention"]
+    feed = {"image": x_test}
+    np.testing.assert_allclose(outputs(fused.model, feed), outputs(int8, feed), atol=1e-4)
 
 
 def test_attention_with_a_mask_before_softmax_is_left_alone() -> None:
