@@ -1,4 +1,4 @@
-"""fuse-attention: unmasked multi-head self-attention becomes one ORT MultiHeadAttention node.
+"""fuse-attention: unmasked multi-head self-attention becomes one ORT attention node.
 
 Rules:
 - Matches the way PyTorch exports `qkv -> heads -> softmax(q k^T * c) v -> merge`:
@@ -21,11 +21,12 @@ Rules:
   transformer.
 - Leaves alone attention with a mask or bias added before the Softmax, other head
   layouts, and anything whose shapes are not constant where the pattern needs them.
-- The result runs on ONNX Runtime only (a contrib op of its CPU and CUDA
-  providers). On the digits transformer it removes 9 nodes per block: after
-  `simplify,quantize`, 1.12x -> 1.25x fp32 at batch 1 (1 thread), but 1.35x ->
-  1.22x at batch 64 (benchmarks/accuracy.py), so it pays for small batches.
-  QAttention removes 3 more nodes per block (1.38-1.42x at batch 1, 1 thread).
+- The result runs on ONNX Runtime only (contrib ops). On the digits transformer
+  MultiHeadAttention removes 9 nodes per block: after `simplify,quantize`, 1.12x
+  -> 1.25x fp32 at batch 1 (1 thread), but 1.35x -> 1.22x at batch 64
+  (benchmarks/accuracy.py), so it pays for small batches.
+  QAttention removes 3 more nodes per block: 1.33-1.42x at batch 1, 1 thread,
+  1.20-1.26x at batch 64.
 - Run it after `quantize`: shape inference cannot see through a contrib op, so
   the quantize pass's row-wise preparation would stop at the fused node.
 """
