@@ -1,10 +1,12 @@
 """ONNX Runtime sessions: provider names, threads, and capture of intermediate tensors.
 
-Intermediate tensors are captured one sample at a time: the caller gets each
-sample's tensors, reduces them (a running statistic, an error metric) and lets
-them go, so memory holds one sample's tensors however many samples there are.
-Calibration, per-layer verification and pruning reconstruction all use
-`iter_tensors`; nothing else adds graph outputs to look inside a model.
+Intermediate tensors are captured one feed at a time: the caller gets each
+feed's tensors, reduces them (a running statistic, an error metric) and lets
+them go, so memory holds one feed's tensors however many feeds there are (a feed
+may join a bounded batch of samples: `batching`). Calibration, per-layer
+verification and pruning reconstruction all use `iter_tensors`, and min/max
+calibration its base, `session_with_outputs`, with reductions added (`minmax`);
+nothing else adds graph outputs to look inside a model.
 """
 
 from __future__ import annotations
