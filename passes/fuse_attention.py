@@ -237,85 +237,64 @@ def _replace(graph: gs.Graph, match: _Match, taken: set[str]) -> None:
     def fresh(base: str) -> str:
         return unique_name(base, taken)
 
-    hidden = match.heads * match.size
     base = match.nodes[0].name or "attention"
     projection = _projection(graph, match)
-    if projection is not None:
-        _replace_quantized(graph, match, projection, fresh)
-        return
-    shape = gs.Constant(fresh(f"{base}/mha_shape"), np.array(match.packed, np.int64))
-    sizes = gs.Constant(fresh(f"{base}/mha_split"), np.array([hidden] * 3, np.int64))
-    packed = gs.Variable(fresh(f"{base}/mha_qkv"), dtype=match.source.dtype)
-    q, k, v = (gs.Variable(fresh(f"{base}/mha_{p}"), dtype=match.source.dtype) for p in "qkv")
-    out = gs.Variable(fresh(f"{base}/mha_out"), dtype=match.source.dtype)
-    graph.nodes.extend(
-        [
-            gs.Node(
-                "Reshape",
-                fresh(f"{base}/mha_reshape"),
-                inputs=[match.source, shape],
-                outputs=[packed],
-            ),
-            gs.Node(
-                "Split",
-                fresh(f"{base}/mha_split"),
-                {"axis": 2},
-                inputs=[packed, sizes],
-                outputs=[q, k, v],
-            ),
-            gs.Node(
-                "MultiHeadAttention",
-                fresh(f"{base}/MultiHeadAttention"),
-                {"num_heads": match.heads, "scale": match.scale},
-                inputs=[q, k, v],
-                outputs=[out],
-                domain="com.microsoft",
-            ),
-        ]
-    )
+    if projection is None:
+        nodes, out = _multi_head(match, f"{base}/mha", fresh)
+        replaced = match.nodes
+    else:
+        nodes, out = _quantized(match, projection, f"{base}/qattention", fresh)
+        replaced = [producer(match.source), *match.nodes]
+    graph.nodes.extend(nodes)
     match.merge.inputs[0] = out
-    for node in match.nodes:
+    for node in replaced:
         node.outputs.clear()
         node.inputs.clear()
 
 
-def _replace_quantized(
-    graph: gs.Graph, match: _Match, proj: _Projection, fresh: Callable[[str], str]
-) -> None:
-    base = match.nodes[0].name or "attention"
+Fresh = Callable[[str], str]
+
+
+def _reshape(
+    source: gs.Tensor, target: list[int], name: str, dtype: np.dtype, fresh: Fresh
+) -> tuple[gs.Node, gs.Variable]:
+    shape = gs.Constant(fresh(f"{name}_shape"), np.array(target, np.int64))
+    out = gs.Variable(fresh(name), dtype=dtype)
+    return gs.Node("Reshape", fresh(f"{name}_reshape"), inputs=[source, shape], outputs=[out]), out
+
+
+def _multi_head(match: _Match, base: str, fresh: Fresh) -> tuple[list[gs.Node], gs.Variable]:
+    dtype = match.source.dtype
+    reshape, packed = _reshape(match.source, match.packed, f"{base}_qkv", dtype, fresh)
+    hidden = match.heads * match.size
+    sizes = gs.Constant(fresh(f"{base}_split"), np.array([hidden] * 3, np.int64))
+    q, k, v = (gs.Variable(fresh(f"{base}_{p}"), dtype=dtype) for p in "qkv")
+    out = gs.Variable(fresh(f"{base}_out"), dtype=dtype)
+    split = gs.Node("Split", fresh(f"{base}_split"), {"axis": 2}, [packed, sizes], [q, k, v])
+    attrs = {"num_heads": match.heads, "scale": match.scale}
+    attention = gs.Node(
+        "MultiHeadAttention", fresh(base), attrs, [q, k, v], [out], domain="com.microsoft"
+    )
+    return [reshape, split, attention], out
+
+
+def _quantized(
+    match: _Match, proj: _Projection, base: str, fresh: Fresh
+) -> tuple[list[gs.Node], gs.Variable]:
     target = [*match.packed[:2], proj.embed]
-    shape = gs.Constant(fresh(f"{base}/qattention_shape"), np.array(target, np.int64))
-    bias = gs.Constant(fresh(f"{base}/qattention_bias"), proj.bias)
-    tokens = gs.Variable(fresh(f"{base}/qattention_input"), dtype=np.uint8)
-    out = gs.Variable(fresh(f"{base}/qattention_out"), dtype=np.float32)
-    graph.nodes.extend(
-        [
-            gs.Node(
-                "Reshape",
-                fresh(f"{base}/qattention_reshape"),
-                inputs=[proj.input, shape],
-                outputs=[tokens],
-            ),
-            gs.Node(
-                "QAttention",
-                fresh(f"{base}/QAttention"),
-                {"num_heads": match.heads},
-                inputs=[
-                    tokens,
-                    proj.weight,
-                    bias,
-                    proj.input_scale,
-                    proj.weight_scale,
-                    gs.Variable.empty(),
-                    proj.input_zero,
-                    proj.weight_zero,
-                ],
-                outputs=[out],
-                domain="com.microsoft",
-            ),
-        ]
-    )
-    match.merge.inputs[0] = out
-    for node in [producer(match.source), *match.nodes]:
-        node.outputs.clear()
-        node.inputs.clear()
+    reshape, tokens = _reshape(proj.input, target, f"{base}_input", np.uint8, fresh)
+    bias = gs.Constant(fresh(f"{base}_bias"), proj.bias)
+    out = gs.Variable(fresh(f"{base}_out"), dtype=np.float32)
+    inputs = [
+        tokens,
+        proj.weight,
+        bias,
+        proj.input_scale,
+        proj.weight_scale,
+        gs.Variable.empty(),  # no mask
+        proj.input_zero,
+        proj.weight_zero,
+    ]
+    attrs = {"num_heads": match.heads}
+    attention = gs.Node("QAttention", fresh(base), attrs, inputs, [out], domain="com.microsoft")
+    return [reshape, attention], out
