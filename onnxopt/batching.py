@@ -27,6 +27,8 @@ import onnx
 from .data import model_inputs
 from .model import inferred_shapes
 
+Shapes = dict[str, tuple[int | str | None, ...]]
+
 MAX_ROWS = 64
 BATCH_BYTES = 32 * 2**20
 
@@ -51,8 +53,13 @@ class Batch:
         return len(self.bounds) - 1
 
 
-def plan_batches(model: onnx.ModelProto, names: Sequence[str]) -> BatchPlan:
-    """The batching `model` allows when the tensors `names` are read (rows=1: none)."""
+def plan_batches(
+    model: onnx.ModelProto, names: Sequence[str], shapes: Shapes | None = None
+) -> BatchPlan:
+    """The batching `model` allows when the tensors `names` are read (rows=1: none).
+
+    `shapes` are the model's inferred shapes if the caller has them already.
+    """
     specs = model_inputs(model)
     firsts = {spec.shape[0] if spec.shape else None for spec in specs}
     batch = firsts.pop() if len(firsts) == 1 else None
@@ -61,7 +68,7 @@ def plan_batches(model: onnx.ModelProto, names: Sequence[str]) -> BatchPlan:
     ):
         return BatchPlan()
     row_elements: dict[str, int] = {}
-    for name, shape in inferred_shapes(model).items():
+    for name, shape in (shapes if shapes is not None else inferred_shapes(model)).items():
         if shape and shape[0] == batch:
             if not all(isinstance(d, int) for d in shape[1:]):
                 return BatchPlan()
@@ -80,7 +87,7 @@ def batches(feeds: Iterable[dict[str, np.ndarray]], rows: int) -> Iterator[Batch
     held = 0
     for feed in feeds:
         count = _rows(feed)
-        if pending and (held + count > rows or not count or not _same_layout(pending[0], feed)):
+        if pending and (held + count > rows or not _same_layout(pending[0], feed)):
             yield _join(pending)
             pending, held = [], 0
         pending.append(feed)

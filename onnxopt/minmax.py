@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .batching import BatchPlan, batches, plan_batches
+from .batching import BatchPlan, Shapes, batches, plan_batches
 from .errors import FeedError
 from .model import default_opset, inferred_shapes
 from .runtime import run, session_with_outputs
@@ -62,6 +62,7 @@ def range_reads(
     names: Sequence[str],
     nonnegative: Collection[str] = (),
     plan: BatchPlan | None = None,
+    shapes: Shapes | None = None,
 ) -> RangeReads:
     """Nodes reading each named tensor's min, max and size: per sample, or per row
     when `plan` batches samples."""
@@ -82,7 +83,7 @@ def range_reads(
                 reads.nodes.append(helper.make_node(op, inputs, [out], keepdims=0, **attrs))
             reads.sizes[name] = plan.row_elements[name]
         return reads
-    shapes = inferred_shapes(model)
+    shapes = shapes if shapes is not None else inferred_shapes(model)
     for name in names:
         shape = shapes.get(name)
         for op, found in (("ReduceMin", reads.mins), ("ReduceMax", reads.maxs)):
@@ -111,8 +112,9 @@ def collect_ranges(
 ) -> int:
     """Run every feed once and give each statistic every sample's (min, max, size);
     return the sample count."""
-    plan = plan_batches(model, list(stats))
-    reads = range_reads(model, list(stats), nonnegative, plan)
+    shapes = inferred_shapes(model)
+    plan = plan_batches(model, list(stats), shapes)
+    reads = range_reads(model, list(stats), nonnegative, plan, shapes)
     wanted = reads.outputs
     session = session_with_outputs(
         model, wanted, providers, threads=threads, extra_nodes=reads.nodes
