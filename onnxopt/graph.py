@@ -30,6 +30,23 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+def upgraded(graph: gs.Graph, target: int) -> gs.Graph:
+    """`graph` converted to opset `target` (onnxopt.model.upgrade_opset; a no-op at or above).
+
+    The weights are read into arrays at once, so that the converted ModelProto can
+    go instead of staying alive under the graph's lazy constants.
+    """
+    from .model import upgrade_opset
+
+    if (graph.opset or 0) >= target:
+        return graph
+    converted = to_graph(upgrade_opset(to_model(graph), target))
+    for tensor in converted.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            _ = tensor.values
+    return converted
+
+
 def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export `graph`, keeping the model-level fields of `like` (IR version, metadata, docs)."""
     model = _export(graph)

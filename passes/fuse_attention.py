@@ -1,4 +1,4 @@
-"""fuse-attention: unmasked multi-head self-attention becomes one ORT attention node.
+"""fuse-attention: unmasked multi-head self-attention becomes one attention node.
 
 Rules:
 - Matches the way PyTorch exports `qkv -> heads -> softmax(q k^T * c) v -> merge`:
@@ -7,38 +7,45 @@ Rules:
   Mul or Div by a scalar constant c; Softmax(last axis); MatMul(., v);
   Transpose(0, 2, 1, 3); Reshape to [.., H * D]. Every tensor in between has one
   reader, and none is a graph output.
-- Writes Reshape(x, [B, S, 3 H D]) -> Split(axis 2, three H D parts) ->
-  com.microsoft.MultiHeadAttention(q, k, v; num_heads=H, scale=c or 1/c) ->
-  the original last Reshape. The numbers are the same computation (the hidden
-  dim is head-major in both), within float rounding.
-- When x is the output of a quantized projection, as the `quantize` pass writes
-  it (Gemm of DequantizeLinear'd uint8 input, int8 weight [E, 3 H D] per column or
-  per tensor, and a bias; the Gemm read by the attention only) and the scale is
-  1/sqrt(D), the projection joins the attention instead:
-  Reshape(uint8 input, [B, S, E]) -> com.microsoft.QAttention(input, weight,
-  bias, scales, zero points; num_heads=H), the bias dequantized to float. Same
-  integers, same products: outputs equal MultiHeadAttention's on the digits
-  transformer.
+- `op=onnx` writes Reshape(x, [B, S, 3 H D]) -> Split(axis 2, three H D parts) ->
+  Attention(q, k, v; q_num_heads=kv_num_heads=H, scale=c or 1/c), the standard
+  op of opset 23, -> the original last Reshape. The opset is raised to 23 (the
+  notes say so); ONNX Runtime runs it on the CPU from 1.23. The numbers are the
+  same computation (the hidden dim is head-major in both): on the digits
+  transformer, float or after `quantize`, the outputs are bit-identical.
+- `op=ort` writes ORT's contrib ops instead: the same Reshape and Split into
+  com.microsoft.MultiHeadAttention(num_heads=H, scale); and when x is the output of
+  a quantized projection, as the `quantize` pass writes it (Gemm of
+  DequantizeLinear'd uint8 input, int8 weight [E, 3 H D] per column or per tensor,
+  and a bias; the Gemm read by the attention only) and the scale is 1/sqrt(D),
+  the projection joins the attention: Reshape(uint8 input, [B, S, E]) ->
+  com.microsoft.QAttention(input, weight, bias, scales, zero points;
+  num_heads=H), the bias dequantized to float. Same integers, same products.
+- `op=auto` (the default) is `onnx` when every provider of the run is the CPU and
+  the installed onnxruntime has the kernel, `ort` otherwise (ORT's GPU providers
+  run the contrib ops on the device).
 - Leaves alone attention with a mask or bias added before the Softmax, other head
   layouts, and anything whose shapes are not constant where the pattern needs them.
-- The result runs on ONNX Runtime only (contrib ops). On the digits transformer
-  MultiHeadAttention removes 9 nodes per block: after `simplify,quantize`, 1.12x
-  -> 1.25x fp32 at batch 1 (1 thread), but 1.35x -> 1.22x at batch 64
-  (benchmarks/accuracy.py), so it pays for small batches.
-  QAttention removes 3 more nodes per block: 1.33-1.42x at batch 1, 1 thread,
-  1.20-1.26x at batch 64.
-- Run it after `quantize`: shape inference cannot see through a contrib op, so
-  the quantize pass's row-wise preparation would stop at the fused node.
+- Measured on the digits transformer after `simplify,quantize` (1 thread, p50 vs
+  fp32, batch 1 / batch 64): unfused 1.10-1.11x / 1.30x; ONNX Attention
+  1.29-1.31x / 1.36-1.37x; QAttention 1.34-1.35x / 1.22-1.25x: ORT's QAttention
+  runs the projection as one small GEMM per batch row and head, which loses at
+  batch 64. MultiHeadAttention and Attention in float: 1.02-1.03x at batch 64.
+- Run it after `quantize`: shape inference cannot see through a fused node, so
+  the quantize pass's row-wise preparation would stop there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
+from onnxopt.errors import ModelError, PassError
 from onnxopt.graph import (
     constant_value,
     consumers,
@@ -47,32 +54,88 @@ from onnxopt.graph import (
     is_graph_output,
     producer,
     unique_name,
+    upgraded,
 )
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
+
+ONNX_ATTENTION_OPSET = 23
+ONNX_ATTENTION_ORT = (1, 23)  # the first ONNX Runtime with a CPU kernel for it
 
 
 @register_pass
 class FuseAttention(Pass):
-    """Fuse unmasked multi-head self-attention into ORT's MultiHeadAttention (ORT only)."""
+    """Fuse unmasked multi-head self-attention into one attention node."""
 
     name = "fuse-attention"
+    op: Literal["auto", "onnx", "ort"] = "auto"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        fused = 0
-        taken = set(graph.tensors()) | {n.name for n in graph.nodes}
-        for node in list(graph.nodes):
-            match = _match(graph, node)
-            if match is None:
-                continue
-            _replace(graph, match, taken)
-            fused += 1
-        if not fused:
+        matches = _matches(graph)
+        if not matches:
             return PassResult(False, {"fused": 0}, ["no unmasked self-attention matched"])
+        form, notes = self._form(ctx)
+        replaced = None
+        if form == "onnx" and (graph.opset or 0) < ONNX_ATTENTION_OPSET:
+            before = graph.opset
+            try:
+                replaced = upgraded(graph, ONNX_ATTENTION_OPSET)
+            except ModelError as exc:
+                if self.op == "onnx":
+                    raise PassError(
+                        f"fuse-attention(op=onnx) needs opset {ONNX_ATTENTION_OPSET}: {exc}; "
+                        "or use fuse-attention(op=ort)"
+                    ) from None
+                form = "ort"
+                notes.append(f"the upgrade to opset 23 failed ({exc}): ORT's contrib ops instead")
+            else:
+                graph = replaced
+                matches = _matches(graph)
+                notes.append(
+                    f"upgraded the opset from {before} to {ONNX_ATTENTION_OPSET}: "
+                    "ONNX Attention needs 23"
+                )
+        taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+        for match in matches:
+            _replace(graph, match, taken, form)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        ops = sorted({n.op for n in graph.nodes if n.op in ("MultiHeadAttention", "QAttention")})
-        notes = [f"the model now needs ONNX Runtime: {', '.join(ops)} (contrib ops)"]
+        ops = sorted({n.op for n in graph.nodes if n.op in FUSED_OPS})
+        if form == "onnx":
+            notes.append(
+                "attention now runs as ONNX Attention (opset 23): ONNX Runtime "
+                f"{'.'.join(map(str, ONNX_ATTENTION_ORT))} or later"
+            )
+        else:
+            notes.append(f"the model now needs ONNX Runtime: {', '.join(ops)} (contrib ops)")
         quantized = sum(n.op == "QAttention" for n in graph.nodes)
-        return PassResult(True, {"fused": fused, "quantized": quantized}, notes)
+        return PassResult(True, {"fused": len(matches), "quantized": quantized}, notes, replaced)
+
+    def _form(self, ctx: PassContext) -> tuple[str, list[str]]:
+        """ "onnx" or "ort", with a note saying why when `op` is auto."""
+        if self.op != "auto":
+            return self.op, []
+        if not _ort_has_attention():
+            return "ort", [
+                f"onnxruntime {ort.__version__} has no ONNX Attention kernel: "
+                "ORT's contrib ops instead"
+            ]
+        if any(p != "cpu" for p in ctx.providers):
+            return "ort", ["a GPU provider: ORT's contrib ops, which it runs on the device"]
+        return "onnx", []
+
+
+FUSED_OPS = ("Attention", "MultiHeadAttention", "QAttention")
+
+
+def _ort_has_attention() -> bool:
+    parts = ort.__version__.split(".")[:2]
+    try:
+        return tuple(int(p) for p in parts) >= ONNX_ATTENTION_ORT
+    except ValueError:
+        return False
+
+
+def _matches(graph: gs.Graph) -> list[_Match]:
+    return [m for node in list(graph.nodes) if (m := _match(graph, node)) is not None]
 
 
 @dataclass
@@ -233,18 +296,20 @@ def _float_bias(tensor: gs.Tensor, size: int) -> np.ndarray | None:
     return value.reshape(size).astype(np.float32)
 
 
-def _replace(graph: gs.Graph, match: _Match, taken: set[str]) -> None:
+def _replace(graph: gs.Graph, match: _Match, taken: set[str], form: str) -> None:
     def fresh(base: str) -> str:
         return unique_name(base, taken)
 
     base = match.nodes[0].name or "attention"
-    projection = _projection(graph, match)
-    if projection is None:
-        nodes, out = _multi_head(match, f"{base}/mha", fresh)
-        replaced = match.nodes
-    else:
+    projection = _projection(graph, match) if form == "ort" else None
+    if projection is not None:
         nodes, out = _quantized(match, projection, f"{base}/qattention", fresh)
         replaced = [producer(match.source), *match.nodes]
+    else:
+        nodes, out = _unpacked(
+            match, f"{base}/{'attention' if form == 'onnx' else 'mha'}", form, fresh
+        )
+        replaced = match.nodes
     graph.nodes.extend(nodes)
     match.merge.inputs[0] = out
     for node in replaced:
@@ -263,7 +328,10 @@ def _reshape(
     return gs.Node("Reshape", fresh(f"{name}_reshape"), inputs=[source, shape], outputs=[out]), out
 
 
-def _multi_head(match: _Match, base: str, fresh: Fresh) -> tuple[list[gs.Node], gs.Variable]:
+def _unpacked(
+    match: _Match, base: str, form: str, fresh: Fresh
+) -> tuple[list[gs.Node], gs.Variable]:
+    """q, k, v split from the packed projection into ONNX Attention or MultiHeadAttention."""
     dtype = match.source.dtype
     reshape, packed = _reshape(match.source, match.packed, f"{base}_qkv", dtype, fresh)
     hidden = match.heads * match.size
@@ -271,10 +339,14 @@ def _multi_head(match: _Match, base: str, fresh: Fresh) -> tuple[list[gs.Node], 
     q, k, v = (gs.Variable(fresh(f"{base}_{p}"), dtype=dtype) for p in "qkv")
     out = gs.Variable(fresh(f"{base}_out"), dtype=dtype)
     split = gs.Node("Split", fresh(f"{base}_split"), {"axis": 2}, [packed, sizes], [q, k, v])
-    attrs = {"num_heads": match.heads, "scale": match.scale}
-    attention = gs.Node(
-        "MultiHeadAttention", fresh(base), attrs, [q, k, v], [out], domain="com.microsoft"
-    )
+    if form == "onnx":
+        attrs = {"q_num_heads": match.heads, "kv_num_heads": match.heads, "scale": match.scale}
+        attention = gs.Node("Attention", fresh(base), attrs, [q, k, v], [out])
+    else:
+        attrs = {"num_heads": match.heads, "scale": match.scale}
+        attention = gs.Node(
+            "MultiHeadAttention", fresh(base), attrs, [q, k, v], [out], domain="com.microsoft"
+        )
     return [reshape, split, attention], out
 
 

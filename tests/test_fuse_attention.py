@@ -1,4 +1,4 @@
-"""fuse-attention: unmasked self-attention becomes ORT's MultiHeadAttention."""
+"""fuse-attention: unmasked self-attention becomes ONNX Attention or ORT's contrib ops."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import onnxruntime as ort
 
 from onnxopt import PassContext, optimize
 from onnxopt.data import ListFeeds, model_inputs
+from onnxopt.model import default_opset
+from onnxopt.pass_api import get_pass
 from onnxopt.test_models.digits import load_digits_split
 
 TRANSFORMER = Path(__file__).resolve().parents[1] / "test_models" / "digits_transformer.onnx"
@@ -21,14 +23,59 @@ def outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
     return session.run(None, feed)[0]
 
 
-def test_digits_transformer_attention_fuses_in_float_and_after_quantize() -> None:
-    model = onnx.load(str(TRANSFORMER))
-    x_train, _, x_test, y_test = load_digits_split()
-    feeds = ListFeeds(
+def calibration(model: onnx.ModelProto) -> ListFeeds:
+    x_train = load_digits_split()[0]
+    return ListFeeds(
         [{"image": x_train[i : i + 32]} for i in range(0, 256, 32)], model_inputs(model)
     )
+
+
+def test_digits_transformer_fuses_into_onnx_attention_on_cpu() -> None:
+    # The default on the CPU provider: the standard Attention op (opset 23), q, k and
+    # v split from the packed projection; after quantize that projection stays a
+    # QGemm. Outputs equal the unfused models'.
+    model = onnx.load(str(TRANSFORMER))
+    _, _, x_test, y_test = load_digits_split()
+    feed = {"image": x_test}
     simplified = optimize(model, "simplify", strict=True).model
+    assert default_opset(simplified) == 17
     fused = optimize(simplified, "fuse-attention", strict=True)
+    record = fused.records[-1]
+    ops = Counter(n.op_type for n in fused.model.graph.node)
+    assert record.stats == {"fused": 2, "quantized": 0} and ops["Attention"] == 2
+    assert default_opset(fused.model) == 23
+    assert not {"MultiHeadAttention", "QAttention", "Softmax"} & set(ops)
+    assert all(n.domain in ("", "ai.onnx") for n in fused.model.graph.node)
+    assert any("from 17 to 23" in note for note in record.notes)
+    np.testing.assert_allclose(outputs(fused.model, feed), outputs(model, feed), atol=1e-5)
+
+    int8 = optimize(model, "simplify,quantize", PassContext(feeds=calibration(model))).model
+    quantized = optimize(int8, "fuse-attention", strict=True)
+    ops = Counter(n.op_type for n in quantized.model.graph.node)
+    assert (
+        ops["Attention"] == 2 and ops["Gemm"] == Counter(n.op_type for n in int8.graph.node)["Gemm"]
+    )
+    np.testing.assert_allclose(outputs(quantized.model, feed), outputs(int8, feed), atol=1e-5)
+    top1 = float(np.mean(outputs(quantized.model, feed).argmax(axis=1) == y_test))
+    assert top1 >= float(np.mean(outputs(model, feed).argmax(axis=1) == y_test)) - 0.005
+
+
+def test_auto_picks_ort_contrib_ops_for_a_gpu_provider() -> None:
+    fuse = get_pass("fuse-attention")()
+    assert fuse._form(PassContext(providers=("cpu",)))[0] == "onnx"
+    form, notes = fuse._form(PassContext(providers=("cuda", "cpu")))
+    assert form == "ort" and "GPU" in notes[0]
+    assert (
+        get_pass("fuse-attention")(op="onnx")._form(PassContext(providers=("cuda",)))[0] == "onnx"
+    )
+
+
+def test_digits_transformer_attention_fuses_into_ort_ops_in_float_and_after_quantize() -> None:
+    model = onnx.load(str(TRANSFORMER))
+    _, _, x_test, y_test = load_digits_split()
+    feeds = calibration(model)
+    simplified = optimize(model, "simplify", strict=True).model
+    fused = optimize(simplified, "fuse-attention(op=ort)", strict=True)
     ops = Counter(n.op_type for n in fused.model.graph.node)
     assert fused.records[-1].stats["fused"] == 2 and ops["MultiHeadAttention"] == 2
     assert "Softmax" not in ops and "Split" in ops  # one Split of q/k/v per block remains
@@ -41,7 +88,7 @@ def test_digits_transformer_attention_fuses_in_float_and_after_quantize() -> Non
     # projection joins its attention in one QAttention, with the same outputs as the
     # unfused int8 model, and the top-1 holds.
     int8 = optimize(model, "simplify,quantize", PassContext(feeds=feeds)).model
-    quantized = optimize(int8, "fuse-attention", strict=True)
+    quantized = optimize(int8, "fuse-attention(op=ort)", strict=True)
     assert quantized.records[-1].stats == {"fused": 2, "quantized": 2}
     ops = Counter(n.op_type for n in quantized.model.graph.node)
     assert ops["QAttention"] == 2 and not ops["MultiHeadAttention"] and not ops["Split"]
@@ -67,7 +114,7 @@ def test_quantized_projection_with_another_scale_keeps_multi_head_attention() ->
         [{"image": x_train[i : i + 32]} for i in range(0, 128, 32)], model_inputs(model)
     )
     int8 = optimize(model, "quantize", PassContext(feeds=feeds)).model
-    fused = optimize(int8, "fuse-attention", strict=True)
+    fused = optimize(int8, "fuse-attention(op=ort)", strict=True)
     assert fused.records[-1].stats == {"fused": 2, "quantized": 0}
     ops = Counter(n.op_type for n in fused.model.graph.node)
     assert ops["MultiHeadAttention"] == 2 and not ops["QAttention"]
@@ -93,4 +140,5 @@ def test_attention_with_a_mask_before_softmax_is_left_alone() -> None:
     graph.node.extend(nodes)
     result = optimize(model, "fuse-attention", strict=True)
     assert result.records[-1].status == "unchanged"
-    assert not any(n.op_type == "MultiHeadAttention" for n in result.model.graph.node)
+    assert not {"Attention", "MultiHeadAttention"} & {n.op_type for n in result.model.graph.node}
+    assert default_opset(result.model) == 17  # no upgrade without a match

@@ -15,8 +15,7 @@ from typing import Literal
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import ModelError, PassError
-from onnxopt.graph import to_graph, to_model
-from onnxopt.model import upgrade_opset
+from onnxopt.graph import upgraded
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
 
 from .dynamic import run_dynamic
@@ -245,12 +244,7 @@ class Quantize(Pass):
     def _upgrade(graph: gs.Graph, target: int, notes: list[str]) -> gs.Graph:
         """The graph converted to opset `target` (mixed precision upgrades lazily instead)."""
         before = graph.opset
-        upgraded = to_graph(upgrade_opset(to_model(graph), target))
-        # Hold the weights as arrays and let the converted ModelProto go: otherwise it
-        # stays alive under the graph's lazy constants beside every later copy.
-        for tensor in upgraded.tensors().values():
-            if isinstance(tensor, gs.Constant):
-                _ = tensor.values
+        converted = upgraded(graph, target)
         trim_memory()
         notes.append(
             f"upgraded the opset from {before} to {target}: "
@@ -264,4 +258,4 @@ class Quantize(Pass):
                 else "QuantizeLinear needs 10"
             )
         )
-        return upgraded
+        return converted
