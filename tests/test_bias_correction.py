@@ -88,8 +88,11 @@ def test_gemm_bias_is_moved_by_its_own_mean_shift() -> None:
         [const("w", weight), const("b", bias)],
     )
     feeds = feeds_of(model, (16, 32), 8, seed=1, scale=0.5, shift=0.7)
-    plain = quantize(model, "quantize(per_channel=false)", feeds)
-    corrected = quantize(model, "quantize(per_channel=false,bias_correction=true)", feeds)
+    # min_weights=0: a lone 32x10 layer would otherwise stay float (too small to pay).
+    plain = quantize(model, "quantize(per_channel=false,min_weights=0)", feeds)
+    corrected = quantize(
+        model, "quantize(per_channel=false,min_weights=0,bias_correction=true)", feeds
+    )
     qdq, _ = input_qdq(plain, "x")
     w_q = dequantized(plain, bias_input(plain, "fc", 1))
     b_q = dequantized(plain, bias_input(plain, "fc", 2))
@@ -169,9 +172,12 @@ def test_matmul_bias_add_is_corrected_and_a_bare_matmul_gets_one() -> None:
     for model, base in ((with_add, bias), (bare, np.zeros(12, np.float32))):
         # fold=false keeps MatMul + Add as they are (else they run on rows as one Gemm,
         # whose int32 bias the cnn test below covers).
-        plain = quantize(model, "quantize(per_channel=false,fold=false)", feeds)
+        # min_weights=0: a lone 16x12 layer would otherwise stay float (too small to pay).
+        plain = quantize(model, "quantize(per_channel=false,fold=false,min_weights=0)", feeds)
         corrected = quantize(
-            model, "quantize(per_channel=false,fold=false,bias_correction=true)", feeds
+            model,
+            "quantize(per_channel=false,fold=false,min_weights=0,bias_correction=true)",
+            feeds,
         )
         qdq, _ = input_qdq(plain, "x")
         w_q = dequantized(plain, bias_input(plain, "mm", 1))

@@ -240,7 +240,8 @@ def test_top1_target_on_a_classifier() -> None:
         [{"x": rng.standard_normal((8, 32)).astype(np.float32)} for _ in range(8)],
         model_inputs(model),
     )
-    _, record = run(model, "quantize(target=top1:1.0)", feeds)
+    # min_weights=0: a lone 32x10 layer would otherwise stay float (too small to pay).
+    _, record = run(model, "quantize(target=top1:1.0,min_weights=0)", feeds)
     # Argmax agreement over the 2 held-out batches of 8 rows each.
     assert record.stats["target_met"] == 1 and record.stats["target_value"] == 1.0
     assert record.stats["holdout_samples"] == 2

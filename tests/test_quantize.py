@@ -283,6 +283,53 @@ def test_int8_symmetric_and_int16_activations(model, calib) -> None:
     assert zeros and all(z.dtype == np.int16 for z in zeros)
 
 
+def test_lone_small_layers_stay_float_but_chains_and_large_layers_do_not() -> None:
+    # x feeds three branches: a lone 16x8 Gemm (128 weights), a 16x32 -> Relu -> 32x4
+    # chain of small Gemms, and a lone 16x64 Gemm (1024 weights, the threshold).
+    rng = np.random.default_rng(0)
+    shapes = {"lone": (16, 8), "first": (16, 32), "second": (32, 4), "large": (16, 64)}
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, f"w_{n}")
+        for n, s in shapes.items()
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w_lone"], ["y_lone"], "lone"),
+        helper.make_node("Gemm", ["x", "w_first"], ["h"], "first"),
+        helper.make_node("Relu", ["h"], ["h_relu"], "relu"),
+        helper.make_node("Gemm", ["h_relu", "w_second"], ["y_chain"], "second"),
+        helper.make_node("Gemm", ["x", "w_large"], ["y_large"], "large"),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [4, size])
+        for name, size in (("y_lone", 8), ("y_chain", 4), ("y_large", 64))
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])
+    graph = helper.make_graph(nodes, "branches", [x], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = ListFeeds(
+        [{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(4)],
+        model_inputs(model),
+    )
+
+    def integer_layers(spec: str) -> tuple[set[str], list[str]]:
+        result = optimize(model, spec, PassContext(feeds=feeds), strict=True)
+        written = {o: n.op_type for n in result.model.graph.node for o in n.output}
+        gemms = [n for n in result.model.graph.node if n.op_type == "Gemm"]
+        quantized = {n.name for n in gemms if written.get(n.input[0]) == "DequantizeLinear"}
+        return quantized, result.records[-1].notes
+
+    quantized, notes = integer_layers("quantize")
+    assert quantized == {"first", "second", "large"}
+    assert (
+        "left 1 node(s) in float (Gemm with fewer than 1024 weights between float "
+        "tensors): lone" in notes
+    )
+    assert integer_layers("quantize(min_weights=0)")[0] == set(shapes)
+    assert integer_layers("quantize(min_weights=100000)")[0] == {"first", "second"}
+    with pytest.raises(PassError, match="min_weights must be 0"):
+        optimize(model, "quantize(min_weights=-1)", PassContext(feeds=feeds))
+
+
 def test_exclusions_leave_nodes_float(model, calib, tmp_path) -> None:
     by_name = quantized(model, "quantize(exclude_nodes=conv2|head)", calib)
     producers = {o: n.op_type for n in by_name.graph.node for o in n.output}
@@ -290,7 +337,9 @@ def test_exclusions_leave_nodes_float(model, calib, tmp_path) -> None:
     assert producers.get(conv2.input[1]) is None  # the float weight, no DQ
     head = next(n for n in by_name.graph.node if n.name == "head")
     assert producers.get(head.input[1]) is None
-    by_op = quantized(model, "quantize(exclude_ops=Conv)", calib)
+    # Without its Convs the head is a lone small layer between float tensors: min_weights=0
+    # keeps it quantized, so that the pass has something to do.
+    by_op = quantized(model, "quantize(exclude_ops=Conv,min_weights=0)", calib)
     assert "QLinearConv" not in optimized_ops(by_op, tmp_path)
 
 

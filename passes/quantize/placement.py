@@ -111,7 +111,8 @@ class Plan:
     # with a scaled scale: output name -> (input name, factor).
     aliases: dict[str, tuple[str, float]] = field(default_factory=dict)
     alias_nodes: list[gs.Node] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)
+    # Reason -> the nodes left float for it.
+    skipped: dict[str, list[str]] = field(default_factory=dict)
     # The quantized node that writes each produced point.
     writers: dict[str, gs.Node] = field(default_factory=dict)
     # Points and alias outputs with 16-bit parameters, and the quantized nodes that read
@@ -119,8 +120,8 @@ class Plan:
     wide: set[str] = field(default_factory=set)
     wide_nodes: set[str] = field(default_factory=set)
 
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+    def skip(self, reason: str, node: gs.Node) -> None:
+        self.skipped.setdefault(reason, []).append(node.name or node.op)
 
     @property
     def calibrated(self) -> list[str]:
@@ -185,8 +186,10 @@ class Planner:
         per_channel: bool,
         float_nodes: Collection[str] = (),
         int16_nodes: Collection[str] = (),
+        min_weights: int = 0,
     ):
         self.graph = graph
+        self.min_weights = min_weights
         self.ops = ops
         self.exclude_nodes = exclude_nodes
         self.per_channel = per_channel
@@ -239,16 +242,16 @@ class Planner:
         if node.name and node.name in self.float_nodes:
             return False  # the precision settings say why, in their own notes
         if _matches(node, self.exclude_nodes):
-            self.plan.skip("excluded by name")
+            self.plan.skip("excluded by name", node)
             return False
         if already_quantized(node):
-            self.plan.skip("already quantized")
+            self.plan.skip("already quantized", node)
             return False
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
             return False
         for tensor in node.outputs:
             if tensor.dtype is not None and np.dtype(tensor.dtype) != np.float32:
-                self.plan.skip("not float32")
+                self.plan.skip("not float32", node)
                 return False
         return True
 
@@ -263,38 +266,67 @@ class Planner:
         has_bias = len(inputs) > 2 and inputs[2] is not None and bool(inputs[2].name)
         if node.op == "Conv":
             if len(inputs) < 2 or not _is_float_constant(inputs[1]):
-                self.plan.skip("Conv without a constant weight")
+                self.plan.skip("Conv without a constant weight", node)
                 return None
             if has_bias and not _is_float_constant(inputs[2]):
-                self.plan.skip("Conv with a computed bias")
+                self.plan.skip("Conv with a computed bias", node)
                 return None
             slots: list[tuple] = [("act", 0), ("weight", 1, 0 if self.per_channel else None)]
             return slots + ([("bias", 2, 0, 1)] if has_bias else [])
         if node.op == "MatMul":
             a, b = (_is_float_constant(t) for t in inputs[:2])
             if a == b:
-                self.plan.skip("MatMul without exactly one constant input")
+                self.plan.skip("MatMul without exactly one constant input", node)
+                return None
+            if self._small(node, inputs[1] if b else inputs[0], inputs[0] if b else inputs[1]):
                 return None
             rank = _rank(inputs[1] if b else inputs[0])
             axis = 1 if (b and rank == 2 and self.per_channel) else None
             return [("act", 0 if b else 1), ("weight", 1 if b else 0, axis)]
         # Gemm
         if node.attrs.get("transA", 0) or not _is_float_constant(inputs[1]):
-            self.plan.skip("Gemm with transA or a computed B")
+            self.plan.skip("Gemm with transA or a computed B", node)
             return None
         if node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0:
-            self.plan.skip("Gemm with alpha or beta other than 1")
+            self.plan.skip("Gemm with alpha or beta other than 1", node)
+            return None
+        if self._small(node, inputs[1], inputs[0]):
             return None
         axis = (0 if node.attrs.get("transB", 0) else 1) if self.per_channel else None
         if has_bias:
             if not _is_float_constant(inputs[2]) or _rank(inputs[2]) != 1:
-                self.plan.skip("Gemm with a computed or 2-D C")
+                self.plan.skip("Gemm with a computed or 2-D C", node)
                 return None
         return [("act", 0), ("weight", 1, axis)] + ([("bias", 2, 0, 1)] if has_bias else [])
 
+    def _small(self, node: gs.Node, weight: gs.Tensor, act: gs.Tensor) -> bool:
+        """A lone MatMul/Gemm too small for int8 to pay for the QuantizeLinear it needs.
+
+        Below `min_weights` weights a row costs fewer multiply-adds than ORT spends
+        on launching a QuantizeLinear and the integer kernel. Only a layer that
+        would need that QuantizeLinear for itself (no quantized op writes its input)
+        and whose output no compute op reads (else the next layer would lose its
+        integer input) stays float: an embedding, a classifier head.
+        """
+        if not self.min_weights or weight.shape is None or act.name in self.integer:
+            return False
+        if int(np.prod(weight.shape)) >= self.min_weights:
+            return False
+        writer = producer(act)
+        if writer is not None and writer.op in ABSORBED and writer.inputs:
+            writer = producer(writer.inputs[0])
+        if writer is not None and id(writer) in self.quantized:
+            return False
+        if _feeds_compute(node.outputs[0], self.ops & COMPUTE):
+            return False
+        self.plan.skip(
+            f"{node.op} with fewer than {self.min_weights} weights between float tensors", node
+        )
+        return True
+
     def _follower_slots(self, node: gs.Node) -> list[tuple] | None:
         if node.op == "Resize" and node.attrs.get("mode", "nearest") not in ("nearest", b"nearest"):
-            self.plan.skip("Resize other than nearest")
+            self.plan.skip("Resize other than nearest", node)
             return None
         if node.op not in BINARY and node.op not in VARIADIC:
             return [("act", 0)]
@@ -309,7 +341,7 @@ class Planner:
                 slots.append(("const", index))
             else:
                 # A per-channel constant would lose most of its precision in one scale.
-                self.plan.skip(f"{node.op} with a non-scalar constant")
+                self.plan.skip(f"{node.op} with a non-scalar constant", node)
                 return None
         return slots
 
@@ -432,6 +464,23 @@ class Planner:
         plan.wide_nodes.update(n.name for n in plan.nodes if n.name in self.int16_nodes)
 
 
+def _feeds_compute(tensor: gs.Tensor, compute: set[str]) -> bool:
+    """Whether a compute op reads `tensor`, directly or through Relu, Clip and data movers."""
+    seen: set[str] = set()
+    stack = [tensor]
+    while stack:
+        current = stack.pop()
+        if current.name in seen:
+            continue
+        seen.add(current.name)
+        for reader in consumers(current):
+            if reader.op in compute:
+                return True
+            if reader.op in ABSORBED or reader.op in DATA_MOVERS:
+                stack.extend(reader.outputs)
+    return False
+
+
 def _scale_alias(node: gs.Node, integer: set[str]) -> tuple[gs.Tensor, float] | None:
     """(x, c) when `node` is Mul(x, c) with x integer and c a positive finite scalar."""
     if len(node.inputs) != 2 or len(node.outputs) != 1:
@@ -464,6 +513,7 @@ def plan_quantization(
     per_channel: bool,
     float_nodes: Collection[str] = (),
     int16_nodes: Collection[str] = (),
+    min_weights: int = 0,
 ) -> Plan:
     """The quantization plan of `graph` (sorted topologically in place)."""
     return Planner(
@@ -473,4 +523,5 @@ def plan_quantization(
         per_channel=per_channel,
         float_nodes=float_nodes,
         int16_nodes=int16_nodes,
+        min_weights=min_weights,
     ).build()

@@ -42,7 +42,15 @@ from .mixed import (
     split_feeds,
 )
 from .placement import OPT_IN_OPS, Plan, plan_quantization
-from .precision import MASK_RANGE, Overrides, Precision, mask_dominated, reason_notes, resolve
+from .precision import (
+    MASK_RANGE,
+    Overrides,
+    Precision,
+    mask_dominated,
+    reason_notes,
+    resolve,
+    summary,
+)
 from .progress import calibration_progress
 from .qdq import Namer, QType
 
@@ -71,6 +79,7 @@ class StaticConfig:
     fallback: list[str] = field(default_factory=lambda: ["int16", "float"])
     max_moves: int = 0
     bias_correction: bool = False
+    min_weights: int = 0
     stats: dict[str, int | float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -183,6 +192,7 @@ class StaticQuantizer:
             per_channel=self.config.per_channel,
             float_nodes=precision.float_nodes,
             int16_nodes=precision.int16_nodes,
+            min_weights=self.config.min_weights,
         )
         return graph, plan
 
@@ -279,8 +289,8 @@ class StaticQuantizer:
                 f"upgraded the opset from {before} to {after}: the int16 nodes' "
                 "QuantizeLinear/DequantizeLinear need 21"
             )
-        for reason, count in sorted(build.plan.skipped.items()):
-            config.notes.append(f"left {count} node(s) in float: {reason}")
+        for reason, names in sorted(build.plan.skipped.items()):
+            config.notes.append(summary(f"({reason})", names))
         base = base or self.precision
         added = {n: r for n, r in build.precision.float_nodes.items() if n not in base.float_nodes}
         config.notes.extend(reason_notes(added, "then left"))
