@@ -29,7 +29,9 @@ Variants:
   for block;
 - onnxopt sq+bc+target: `simplify,smooth-quant,quantize(bias_correction=true,target=...)`;
 - onnxopt + fuse-attention (digits transformer): `simplify,quantize,fuse-attention`,
-  ORT's MultiHeadAttention in place of the float attention core.
+  ONNX Attention (opset 23) in place of the float attention core; and with
+  `fuse-attention(op=ort)`, ORT's QAttention in place of each block's quantized
+  q/k/v projection and attention core.
 
 Latency: all variants of a model in one interleaved `onnxopt.bench` run per batch
 size (1, and 64 where the batch is dynamic) and thread setting (1 intra-op
@@ -99,7 +101,10 @@ def digits_case(name: str) -> Case:
         "top1:1.0",
         {1: {"image": x_test[:1]}, 64: {"image": x_test[:64]}},
         # ORT's fused attention, for the transformer (its attention is unmasked).
-        {"onnxopt + fuse-attention": "simplify,quantize,fuse-attention"}
+        {
+            "onnxopt + fuse-attention": "simplify,quantize,fuse-attention",
+            "onnxopt + fuse-attention(op=ort)": "simplify,quantize,fuse-attention(op=ort)",
+        }
         if name == "digits_transformer"
         else {},
     )
