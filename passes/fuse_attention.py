@@ -26,11 +26,12 @@ Rules:
   run the contrib ops on the device).
 - Leaves alone attention with a mask or bias added before the Softmax, other head
   layouts, and anything whose shapes are not constant where the pattern needs them.
-- Measured on the digits transformer after `simplify,quantize` (1 thread, p50 vs
-  fp32, batch 1 / batch 64): unfused 1.10-1.11x / 1.30x; ONNX Attention
-  1.29-1.31x / 1.36-1.37x; QAttention 1.34-1.35x / 1.22-1.25x: ORT's QAttention
-  runs the projection as one small GEMM per batch row and head, which loses at
-  batch 64. MultiHeadAttention and Attention in float: 1.02-1.03x at batch 64.
+- Measured on the digits transformer after `simplify,quantize` (benchmarks/
+  accuracy.py, five runs, 1 thread, p50 vs fp32, batch 1 / batch 64): unfused
+  1.14-1.24x / 1.32-1.51x; ONNX Attention 1.36-1.54x / 1.39-1.50x; QAttention
+  1.32-1.52x / 1.27-1.38x: ORT's QAttention runs the projection as one small GEMM
+  per batch row and head, which loses at batch 64. In float, MultiHeadAttention
+  and Attention both ran 1.02-1.03x at batch 64.
 - Run it after `quantize`: shape inference cannot see through a fused node, so
   the quantize pass's row-wise preparation would stop there.
 """
@@ -60,6 +61,7 @@ from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
 
 ONNX_ATTENTION_OPSET = 23
 ONNX_ATTENTION_ORT = (1, 23)  # the first ONNX Runtime with a CPU kernel for it
+CONTRIB_OPS = ("MultiHeadAttention", "QAttention")
 
 
 @register_pass
@@ -98,19 +100,19 @@ class FuseAttention(Pass):
         for match in matches:
             _replace(graph, match, taken, form)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        ops = sorted({n.op for n in graph.nodes if n.op in FUSED_OPS})
         if form == "onnx":
             notes.append(
                 "attention now runs as ONNX Attention (opset 23): ONNX Runtime "
                 f"{'.'.join(map(str, ONNX_ATTENTION_ORT))} or later"
             )
         else:
+            ops = sorted({n.op for n in graph.nodes if n.op in CONTRIB_OPS})
             notes.append(f"the model now needs ONNX Runtime: {', '.join(ops)} (contrib ops)")
         quantized = sum(n.op == "QAttention" for n in graph.nodes)
         return PassResult(True, {"fused": len(matches), "quantized": quantized}, notes, replaced)
 
     def _form(self, ctx: PassContext) -> tuple[str, list[str]]:
-        """ "onnx" or "ort", with a note saying why when `op` is auto."""
+        """Which form to write ("onnx" or "ort"), with a note saying why when `op` is auto."""
         if self.op != "auto":
             return self.op, []
         if not _ort_has_attention():
@@ -118,12 +120,13 @@ class FuseAttention(Pass):
                 f"onnxruntime {ort.__version__} has no ONNX Attention kernel: "
                 "ORT's contrib ops instead"
             ]
-        if any(p != "cpu" for p in ctx.providers):
-            return "ort", ["a GPU provider: ORT's contrib ops, which it runs on the device"]
+        others = [p for p in ctx.providers if p != "cpu"]
+        if others:
+            return "ort", [
+                f"provider {', '.join(others)}: ORT's contrib ops, which its GPU providers "
+                "run on the device"
+            ]
         return "onnx", []
-
-
-FUSED_OPS = ("Attention", "MultiHeadAttention", "QAttention")
 
 
 def _ort_has_attention() -> bool:

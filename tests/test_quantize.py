@@ -326,6 +326,7 @@ def test_lone_small_layers_stay_float_but_chains_and_large_layers_do_not() -> No
     )
     assert integer_layers("quantize(min_weights=0)")[0] == set(shapes)
     assert integer_layers("quantize(min_weights=100000)")[0] == {"first", "second"}
+    assert integer_layers("quantize(int16_nodes=lone)")[0] == set(shapes)  # asked for
     with pytest.raises(PassError, match="min_weights must be 0"):
         optimize(model, "quantize(min_weights=-1)", PassContext(feeds=feeds))
 

@@ -17,6 +17,10 @@ The plan is made in three steps over the graph in topological order:
 A Mul by a positive scalar of an integer tensor becomes a DQ of those integers
 with the scale multiplied: no op and no rounding are left of it.
 
+A lone MatMul/Gemm with fewer than `min_weights` weights, whose input no
+quantized op writes and whose output no compute op reads, stays float: the
+QuantizeLinear it would need costs more than its integer kernel saves.
+
 A quantized op writes integers (a Q on its output), except MatMul and Gemm,
 which write float (ORT's MatMulIntegerToFloat, QGemm) unless a compute op reads
 their output. A Relu or Clip that is the only reader of a quantized op's output
@@ -310,6 +314,8 @@ class Planner:
         """
         if not self.min_weights or weight.shape is None or act.name in self.integer:
             return False
+        if node.name in self.int16_nodes:
+            return False  # asked for by name
         if int(np.prod(weight.shape)) >= self.min_weights:
             return False
         writer = producer(act)
