@@ -92,6 +92,46 @@ class TensorStats:
         if self.histogram is not None:
             self.histogram.update(x, amax=max(abs(low), abs(high)))
 
+    def update_samples(self, x: np.ndarray, bounds: Sequence[int]) -> None:
+        """`update` with each sample x[bounds[i]:bounds[i + 1]] in turn, in fewer passes.
+
+        Min, max and their moving averages take each sample's own values. The
+        histogram takes a run of samples in one update while they fit its current
+        range: the bins do not move, so the counts are those of one sample at a
+        time. A sample that sets or grows the range goes alone, and a batch with
+        a non-finite value goes one sample at a time.
+        """
+        spans = [(start, end) for start, end in pairwise(bounds) if end > start]
+        rows = x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1)
+        if len(spans) < 2 or rows.shape[1] == 0:
+            for start, end in spans:
+                self.update(x[start:end])
+            return
+        starts = [start for start, _ in spans]
+        lows = np.minimum.reduceat(rows.min(axis=1), starts).astype(np.float64)
+        highs = np.maximum.reduceat(rows.max(axis=1), starts).astype(np.float64)
+        if not (np.isfinite(lows).all() and np.isfinite(highs).all()):
+            for start, end in spans:
+                self.update(x[start:end])
+            return
+        for (start, end), low, high in zip(spans, lows, highs, strict=True):
+            self.update_range(float(low), float(high), (end - start) * rows.shape[1])
+        hist = self.histogram
+        if hist is None:
+            return
+        amaxes = np.maximum(np.abs(lows), np.abs(highs))
+        i = 0
+        while i < len(spans):
+            if hist.limit == 0.0 or amaxes[i] > hist.limit:
+                hist.update(x[spans[i][0] : spans[i][1]], amax=float(amaxes[i]))
+                i += 1
+                continue
+            j = i + 1
+            while j < len(spans) and amaxes[j] <= hist.limit:
+                j += 1
+            hist.update(x[spans[i][0] : spans[j - 1][1]], amax=float(amaxes[i:j].max()))
+            i = j
+
     def update_range(self, low: float, high: float, elements: int) -> None:
         """Add one sample known only by its min, max and size (no histogram)."""
         if not (math.isfinite(low) and math.isfinite(high)):
@@ -229,11 +269,16 @@ def collect(
     count = 0
     for values in iter_tensors(model, joined(), list(stats), providers=providers, threads=threads):
         rows = bounds.popleft()
-        for start, end in pairwise(rows):
-            for name, targets in stats.items():
-                value = values[name] if plan.rows == 1 else values[name][start:end]
-                for stat in targets if isinstance(targets, Sequence) else (targets,):
-                    stat.update(value)
+        for name, targets in stats.items():
+            for stat in targets if isinstance(targets, Sequence) else (targets,):
+                if plan.rows == 1:
+                    stat.update(values[name])
+                elif isinstance(stat, TensorStats):
+                    stat.update_samples(values[name], rows)
+                else:
+                    for start, end in pairwise(rows):
+                        stat.update(values[name][start:end])
+        for _ in pairwise(rows):
             count += 1
             if progress is not None:
                 progress(count, total)

@@ -125,3 +125,38 @@ def test_batched_histograms_equal_per_sample_histograms(cnn, cnn_feeds) -> None:
         assert ours.limit == theirs.limit
         np.testing.assert_array_equal(ours.counts, theirs.counts)
         assert result.stats[name].average_max == pytest.approx(reference[name].average_max)
+
+
+@pytest.mark.parametrize("case", ["grows", "zeros-first", "non-finite", "no-histogram"])
+def test_update_samples_equals_one_update_per_sample(case) -> None:
+    # Samples of 1-3 rows (and one of none); their ranges grow twice mid-batch, so
+    # runs of samples share a histogram update and the growing ones go alone.
+    rng = np.random.default_rng(3)
+    sizes = [2, 1, 3, 0, 2, 1, 2, 3, 1]
+    scales = [1.0, 0.5, 0.8, 1.0, 4.0, 1.0, 0.2, 9.0, 1.0]
+    parts = [
+        rng.standard_normal((n, 5)).astype(np.float32) * s
+        for n, s in zip(sizes, scales, strict=True)
+    ]
+    if case == "zeros-first":
+        parts[0][:] = 0.0
+    if case == "non-finite":
+        parts[5][0, 2] = np.inf
+    batch = np.concatenate(parts)
+    bounds = [0, *np.cumsum(sizes).tolist()]
+    bins = 0 if case == "no-histogram" else 64
+
+    def fresh() -> TensorStats:
+        return TensorStats("t", averaging_constant=0.3, histogram=Histogram(bins) if bins else None)
+
+    joined, alone = fresh(), fresh()
+    joined.update_samples(batch, bounds)
+    for part in parts:
+        alone.update(part)
+    for field_name in ("min", "max", "average_min", "average_max", "samples", "elements"):
+        assert getattr(joined, field_name) == getattr(alone, field_name), field_name
+    assert joined.nonfinite == alone.nonfinite == (1 if case == "non-finite" else 0)
+    if bins:
+        assert joined.histogram.limit == alone.histogram.limit
+        np.testing.assert_array_equal(joined.histogram.counts, alone.histogram.counts)
+        assert joined.histogram.total == batch.size - joined.nonfinite
