@@ -255,7 +255,8 @@ def collect(
     """Run every feed once and update each tensor's statistics; return the sample count.
 
     Samples share a run where the model allows it (`batching`); each statistic
-    still sees one sample's rows at a time.
+    ends as if it had seen one sample's rows at a time (`TensorStats` takes a
+    run's samples in fewer passes, with the same result).
     """
     total = _length(feeds)
     plan = plan_batches(model, list(stats))
