@@ -2,7 +2,7 @@
 
 All of them come from one walk over the feeds (`onnxopt.calibration.collect` on top
 of `runtime.iter_tensors`):
-- mean |x| per channel (`onnxopt.calibration.ChannelStats`), for data-aware importance;
+- mean |x| per channel (`onnxopt.statistics.ChannelStats`), for data-aware importance;
 - mean x per channel, for bias compensation;
 - for the least-squares reconstruction, the Gram matrix of [features, 1] of each
   consumer: a Conv's features are its input patches (channel x kernel tap, the
