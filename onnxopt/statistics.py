@@ -71,15 +71,13 @@ class TensorStats:
         a non-finite value goes one sample at a time.
         """
         spans = [(start, end) for start, end in pairwise(bounds) if end > start]
-        rows = x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1)
-        if len(spans) < 2 or rows.shape[1] == 0:
-            for start, end in spans:
-                self.update(x[start:end])
-            return
-        starts = [start for start, _ in spans]
-        lows = np.minimum.reduceat(rows.min(axis=1), starts).astype(np.float64)
-        highs = np.maximum.reduceat(rows.max(axis=1), starts).astype(np.float64)
-        if not (np.isfinite(lows).all() and np.isfinite(highs).all()):
+        rows = x.reshape(x.shape[0], -1)  # a batch: samples' rows along the first dim
+        lows = highs = np.zeros(0)
+        if len(spans) > 1 and rows.shape[1]:
+            starts = [start for start, _ in spans]
+            lows = np.minimum.reduceat(rows.min(axis=1), starts).astype(np.float64)
+            highs = np.maximum.reduceat(rows.max(axis=1), starts).astype(np.float64)
+        if not lows.size or not (np.isfinite(lows).all() and np.isfinite(highs).all()):
             for start, end in spans:
                 self.update(x[start:end])
             return
