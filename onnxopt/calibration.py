@@ -39,7 +39,7 @@ import onnx
 from .batching import batches, plan_batches
 from .errors import FeedError
 from .histogram import DEFAULT_BINS, Histogram
-from .minmax import Progress, collect_ranges
+from .minmax import NO_SAMPLES, Progress, collect_ranges
 from .report import write_text
 from .runtime import float_tensor_names, iter_tensors
 from .statistics import ChannelStats, Statistic, TensorStats
@@ -93,7 +93,7 @@ def collect(
         # Drop this run's tensors before ORT allocates the next run's.
         values = value = None  # noqa: F841
     if count == 0:
-        raise FeedError("the calibration data holds no samples: pass a file or folder with some")
+        raise FeedError(NO_SAMPLES)
     return count
 
 

@@ -40,6 +40,7 @@ from .model import default_opset, inferred_shapes
 from .runtime import run, session_with_outputs
 
 Progress = Callable[[int, int | None], None]
+NO_SAMPLES = "the calibration data holds no samples: pass a file or folder with some"
 
 
 class RangeStatistic(Protocol):
@@ -135,7 +136,7 @@ def collect_ranges(
             if progress is not None:
                 progress(count, total)
     if count == 0:
-        raise FeedError("the calibration data holds no samples: pass a file or folder with some")
+        raise FeedError(NO_SAMPLES)
     return count
 
 

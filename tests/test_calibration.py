@@ -290,8 +290,9 @@ def test_cache_is_json_and_reused_only_under_the_same_key(model, feeds, tmp_path
 
 def test_unseen_tensors_and_empty_data(model) -> None:
     empty = ListFeeds([], model_inputs(model))
-    with pytest.raises(FeedError, match="no samples"):
-        calibrate(model, empty, ["y"])
+    for histograms in (True, False):  # captured tensors, and min/max reduced in the graph
+        with pytest.raises(FeedError, match="no samples"):
+            calibrate(model, empty, ["y"], histograms=histograms)
     assert compute_range(TensorStats("t"), "minmax") == (0.0, 0.0)
 
 
