@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from onnxopt.test_models import builders, fetch
@@ -30,3 +32,17 @@ def ppocr_det() -> Path:
 @pytest.fixture(scope="session")
 def ppocr_cls() -> Path:
     return fetch.fetch("ppocr_cls")
+
+
+@pytest.fixture
+def cosine():
+    """Cosine similarity of two models' first outputs over feeds, in float64 numpy."""
+
+    def measure(a: onnx.ModelProto, b: onnx.ModelProto, feeds) -> float:
+        ref = ort.InferenceSession(a.SerializeToString(), providers=["CPUExecutionProvider"])
+        cand = ort.InferenceSession(b.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = np.concatenate([ref.run(None, f)[0].ravel() for f in feeds]).astype(np.float64)
+        y = np.concatenate([cand.run(None, f)[0].ravel() for f in feeds]).astype(np.float64)
+        return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+    return measure

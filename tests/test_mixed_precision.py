@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -21,14 +20,6 @@ SEQ, D_MODEL = 16, 64  # the builder block's defaults
 def block_feeds(model: onnx.ModelProto, count: int, seed: int) -> ListFeeds:
     """Normal tokens and a padding mask that keeps a random prefix of 4 to 16 tokens."""
     return ListFeeds(builders.transformer_block_feeds(count, seed), model_inputs(model))
-
-
-def cosine(a: onnx.ModelProto, b: onnx.ModelProto, feeds) -> float:
-    ref = ort.InferenceSession(a.SerializeToString(), providers=["CPUExecutionProvider"])
-    cand = ort.InferenceSession(b.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = np.concatenate([ref.run(None, f)[0].ravel() for f in feeds]).astype(np.float64)
-    y = np.concatenate([cand.run(None, f)[0].ravel() for f in feeds]).astype(np.float64)
-    return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
 
 
 def quantized_inputs(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -107,7 +98,7 @@ def test_float_nodes_by_pattern_leave_exactly_those_nodes_float(block, calib) ->
     assert attention <= set(note.split(": ", 1)[1].split(", "))
 
 
-def test_int16_nodes_get_16_bit_activations_and_int8_weights(block, calib) -> None:
+def test_int16_nodes_get_16_bit_activations_and_int8_weights(block, calib, cosine) -> None:
     qmodel, record = run(block, "quantize(int16_nodes=ff2.matmul)", calib)
     inputs = quantized_inputs(qmodel)
     assert sorted(inputs["ff2.matmul"]) == sorted([TensorProto.INT16, TensorProto.INT8])
@@ -136,7 +127,7 @@ def test_a_pattern_that_matches_nothing_is_reported(block, calib) -> None:
 # ---- automatic mixed precision ------------------------------------------------------------
 
 
-def test_target_met_by_int8_moves_nothing(block, calib, test_feeds) -> None:
+def test_target_met_by_int8_moves_nothing(block, calib, test_feeds, cosine) -> None:
     qmodel, record = run(block, "quantize(target=cosine:0.999)", calib)
     assert record.stats["target_met"] == 1 and record.stats["mixed_steps"] == 0
     assert linear(record.stats) == 6
@@ -147,7 +138,9 @@ def test_target_met_by_int8_moves_nothing(block, calib, test_feeds) -> None:
     assert {o.version for o in qmodel.opset_import if o.domain in ("", "ai.onnx")} == {17}
 
 
-def test_tight_target_moves_the_most_sensitive_nodes_first(block, calib, test_feeds) -> None:
+def test_tight_target_moves_the_most_sensitive_nodes_first(
+    block, calib, test_feeds, cosine
+) -> None:
     qmodel, record = run(block, "quantize(target=cosine:0.99995)", calib)
     stats = record.stats
     assert stats["target_met"] == 1 and stats["target_value"] >= 0.99995
