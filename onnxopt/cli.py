@@ -241,7 +241,7 @@ def _optimize(args: argparse.Namespace) -> int:
         ["nodes", before.nodes, after.nodes],
         ["model bytes", f"{before.model_bytes:,}", f"{after.model_bytes:,}"],
         ["parameters", f"{before.parameters:,}", f"{after.parameters:,}"],
-        ["MACs", f"{before.macs:,}", f"{after.macs:,}"],
+        ["MACs", before.macs_text, after.macs_text],
     ]
     compare.notes.append(f"written to {args.output}")
     _show([*tables, compare], args.quiet)

@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table as RichTable
+from rich.text import Text
 
 
 @dataclass
@@ -48,11 +49,12 @@ def fmt(value: Any) -> str:
 def render_terminal(tables: Sequence[Table], console: Console | None = None) -> None:
     console = console or Console()
     for table in tables:
-        rich_table = RichTable(title=table.title, title_justify="left")
+        # Text, not markup: a cell such as "x: float32 [Nx3x640x640]" is shown as written.
+        rich_table = RichTable(title=Text(table.title), title_justify="left")
         for column in table.columns:
-            rich_table.add_column(column, overflow="fold")
+            rich_table.add_column(Text(column), overflow="fold")
         for row in table.rows:
-            rich_table.add_row(*(fmt(v) for v in row))
+            rich_table.add_row(*(Text(fmt(v)) for v in row))
         console.print(rich_table)
         for note in table.notes:
             console.print(f"  {note}", markup=False, highlight=False)

@@ -2,7 +2,12 @@
 
 MACs are counted for Conv, ConvTranspose, Gemm and MatMul from shapes that
 onnx shape inference derives after binding dynamic input dims (given shapes,
-else 1). Nodes whose shapes stay unknown are counted as unknown, not guessed.
+else 1; an input whose other dims had to be set to 1 is named in `assumed`, so
+that a MAC count for a 1x1 image is never shown as if it were the model's).
+Nodes whose shapes stay unknown are counted as unknown, not guessed.
+
+Parameters are the initializers and the tensors of Constant nodes: exporters
+such as Paddle's keep every weight in a Constant node.
 """
 
 from __future__ import annotations
@@ -35,6 +40,17 @@ class ModelSummary:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     macs_by_op: dict[str, int] = field(default_factory=dict)
+    assumed: list[str] = field(default_factory=list)
+
+    @property
+    def macs_text(self) -> str:
+        """The MAC count with what it rests on: unknown nodes, inputs set to 1."""
+        text = f"{self.macs:,}"
+        if self.macs_unknown:
+            text += f" ({self.macs_unknown} nodes of unknown shape)"
+        if self.assumed:
+            text += f" (at {', '.join(self.assumed)}: pass --shape for the real size)"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,12 +64,17 @@ class ModelSummary:
             "macs": self.macs,
             "macs_by_op": self.macs_by_op,
             "macs_unknown_nodes": self.macs_unknown,
+            "macs_assumed_shapes": self.assumed,
             "inputs": self.inputs,
             "outputs": self.outputs,
         }
 
 
-def _shape_map(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, list]:
+def _shape_map(
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], assumed: list[str]
+) -> dict[str, list]:
+    """Inferred static shapes with the inputs bound; appends `name=dims` to `assumed`
+    for each input whose dynamic dims beyond the batch were set to 1."""
     bound = onnx.ModelProto()
     bound.CopyFrom(model)
     specs = {s.name: s for s in model_inputs(model)}
@@ -64,6 +85,7 @@ def _shape_map(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> di
             dims = bind_shape(specs[vi.name], shapes)
         except Exception:
             dims = tuple(d if isinstance(d, int) else 1 for d in specs[vi.name].shape)
+            assumed.append(f"{vi.name}={'x'.join(map(str, dims))}")
         for dim, value in zip(vi.type.tensor_type.shape.dim, dims, strict=True):
             dim.Clear()
             dim.dim_value = value
@@ -114,7 +136,8 @@ def _macs(node: onnx.NodeProto, shapes: dict[str, list]) -> int | None:
 def summarize(
     model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
 ) -> ModelSummary:
-    shape_map = _shape_map(model, shapes or {})
+    assumed: list[str] = []
+    shape_map = _shape_map(model, shapes or {}, assumed)
     macs_by_op: Counter[str] = Counter()
     unknown = 0
     for node in model.graph.node:
@@ -124,10 +147,9 @@ def summarize(
                 unknown += 1
             else:
                 macs_by_op[node.op_type] += macs
-    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    param_bytes = sum(
-        len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in model.graph.initializer
-    )
+    tensors = [*model.graph.initializer, *_constant_tensors(model.graph)]
+    params = sum(int(np.prod(t.dims)) for t in tensors)
+    param_bytes = sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in tensors)
     return ModelSummary(
         nodes=len(model.graph.node),
         ops=Counter(n.op_type for n in model.graph.node),
@@ -141,7 +163,19 @@ def summarize(
         inputs=[s.describe() for s in model_inputs(model)],
         outputs=[_describe_output(o) for o in model.graph.output],
         macs_by_op=dict(macs_by_op),
+        assumed=assumed,
     )
+
+
+def _constant_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """The tensors that Constant nodes of the main graph hold in their `value`."""
+    return [
+        attr.t
+        for node in graph.node
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+        for attr in node.attribute
+        if attr.name == "value"
+    ]
 
 
 def _describe_output(vi: onnx.ValueInfoProto) -> str:
@@ -165,11 +199,7 @@ def summary_tables(summary: ModelSummary, label: str = "model") -> list[Table]:
         ["parameters", f"{summary.parameters:,}"],
         ["parameter bytes", f"{summary.parameter_bytes:,}"],
         ["model bytes", f"{summary.model_bytes:,}"],
-        [
-            "MACs",
-            f"{summary.macs:,}"
-            + (f" ({summary.macs_unknown} nodes of unknown shape)" if summary.macs_unknown else ""),
-        ],
+        ["MACs", summary.macs_text],
         ["opset / IR", f"{summary.opset} / {summary.ir_version}"],
         *[["input", i] for i in summary.inputs],
         *[["output", o] for o in summary.outputs],

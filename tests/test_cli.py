@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
+from onnxopt.data import model_inputs
 from onnxopt.runtime import available_providers
 from onnxopt.test_models import builders
 
@@ -213,6 +214,9 @@ def test_optimize_verify_bench_inspect(model_dir: Path) -> None:
     summary = json.loads((model_dir / "i.json").read_text())
     assert summary["nodes"] == len(onnx.load(source).graph.node)
     assert summary["ops"]["Conv"] >= 4 and summary["macs"] > 0
+    # Brackets in a cell are text, not console markup: the input's dims are shown.
+    declared = model_inputs(onnx.load(source))[0].describe()
+    assert "[" in declared and declared in info.stdout
 
 
 def test_verify_failure_exits_1(model_dir: Path) -> None:

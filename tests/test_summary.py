@@ -47,3 +47,36 @@ def test_macs_parameters_and_ops() -> None:
 def test_dynamic_batch_is_bound_by_shapes() -> None:
     summary = inspect(hand_counted_model(), {"x": (4, 3, 16, 16)})
     assert summary.macs == 4 * (16 * 16 * 8 * 27 + 80 + 40)
+
+
+def test_constant_node_weights_count_as_parameters() -> None:
+    # Paddle's exporter keeps weights in Constant nodes instead of initializers.
+    model = hand_counted_model()
+    inits = {t.name: t for t in model.graph.initializer}
+    constants = [
+        helper.make_node("Constant", [], [name], value=inits[name]) for name in ("conv.w", "fc.w")
+    ]
+    kept = [t for t in model.graph.initializer if t.name not in ("conv.w", "fc.w")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = [*constants, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    summary = inspect(model)
+    assert summary.parameters == 8 * 27 + 8 + 80 + 40
+    assert summary.parameter_bytes == summary.parameters * 4
+
+
+def test_macs_name_the_input_dims_they_had_to_set_to_one() -> None:
+    model = hand_counted_model()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "h", "w"
+    guessed = inspect(model)
+    assert guessed.assumed == ["x=1x3x1x1"]
+    assert guessed.macs == 8 * 27 + 80 + 40  # a 1x1 image
+    assert "at x=1x3x1x1: pass --shape" in guessed.macs_text
+    real = inspect(model, {"x": (1, 3, 16, 16)})
+    assert real.assumed == [] and real.macs == 16 * 16 * 8 * 27 + 80 + 40
+    assert "pass --shape" not in real.macs_text
+    # A dynamic batch alone is bound to 1 without a word: that is the usual meaning.
+    assert inspect(hand_counted_model()).assumed == []
