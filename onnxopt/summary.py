@@ -71,10 +71,11 @@ class ModelSummary:
 
 
 def _shape_map(
-    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], assumed: list[str]
-) -> dict[str, list]:
-    """Inferred static shapes with the inputs bound; appends `name=dims` to `assumed`
-    for each input whose dynamic dims beyond the batch were set to 1."""
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, list], list[str]]:
+    """Inferred static shapes with the inputs bound, and `name=dims` for each input
+    whose dynamic dims beyond the batch had to be set to 1."""
+    assumed: list[str] = []
     bound = onnx.ModelProto()
     bound.CopyFrom(model)
     specs = {s.name: s for s in model_inputs(model)}
@@ -102,7 +103,7 @@ def _shape_map(
             out[vi.name] = dims
     for init in bound.graph.initializer:
         out[init.name] = list(init.dims)
-    return out
+    return out, assumed
 
 
 def _macs(node: onnx.NodeProto, shapes: dict[str, list]) -> int | None:
@@ -136,8 +137,7 @@ def _macs(node: onnx.NodeProto, shapes: dict[str, list]) -> int | None:
 def summarize(
     model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
 ) -> ModelSummary:
-    assumed: list[str] = []
-    shape_map = _shape_map(model, shapes or {}, assumed)
+    shape_map, assumed = _shape_map(model, shapes or {})
     macs_by_op: Counter[str] = Counter()
     unknown = 0
     for node in model.graph.node:
