@@ -10,7 +10,7 @@ from typing import Any
 import onnx
 
 from .bench import BenchResult, bench
-from .data import FeedSource, load_feeds
+from .data import FeedSource, check_shapes, load_feeds, model_inputs
 from .model import check_output_path, load_model, save_model
 from .pass_api import PassContext, available_groups, available_passes, describe_pass
 from .pipeline import DEFAULT_PIPELINE, PipelineResult, optimize
@@ -63,6 +63,7 @@ def optimize_file(
 
     resolve_providers(providers)
     steps = parse_spec(passes)
+    check_shapes(shapes or {}, model_inputs(model))
     feeds: FeedSource | None = None
     if data is not None:
         feeds = (

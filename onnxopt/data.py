@@ -75,6 +75,20 @@ def parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
     return dict(parse_shape(item) for item in items or [])
 
 
+def check_shapes(shapes: dict[str, tuple[int, ...]], specs: Sequence[InputSpec]) -> None:
+    """Refuse --shape entries that name no input of the model or do not fit their input."""
+    names = [s.name for s in specs]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise FeedError(
+            f"--shape names {', '.join(unknown)}, which the model does not take as input; "
+            f"its inputs: {', '.join(names)}"
+        )
+    for spec in specs:
+        if spec.name in shapes:
+            bind_shape(spec, shapes)
+
+
 def bind_shape(spec: InputSpec, shapes: dict[str, tuple[int, ...]], batch: int = 1) -> tuple:
     """A concrete shape for `spec`: from `shapes`, else static dims with a dynamic batch of 1."""
     if spec.name in shapes:
@@ -309,6 +323,7 @@ def load_feeds(
 ) -> FeedSource:
     """Feeds for `model`: from `data` (.npz file, folder of .npz or of images), else random."""
     specs = model_inputs(model)
+    check_shapes(shapes or {}, specs)
     if data is None:
         return RandomFeeds(specs, count, seed=seed, shapes=shapes, batch=batch)
     path = Path(data)

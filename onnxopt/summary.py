@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .data import bind_shape, model_inputs
+from .data import bind_shape, check_shapes, model_inputs
+from .errors import FeedError
 from .model import default_opset
 from .report import Table
 
@@ -84,7 +85,7 @@ def _shape_map(
             continue
         try:
             dims = bind_shape(specs[vi.name], shapes)
-        except Exception:
+        except FeedError:  # dynamic dims beyond the batch and no --shape for them
             dims = tuple(d if isinstance(d, int) else 1 for d in specs[vi.name].shape)
             assumed.append(f"{vi.name}={'x'.join(map(str, dims))}")
         for dim, value in zip(vi.type.tensor_type.shape.dim, dims, strict=True):
@@ -137,6 +138,7 @@ def _macs(node: onnx.NodeProto, shapes: dict[str, list]) -> int | None:
 def summarize(
     model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
 ) -> ModelSummary:
+    check_shapes(shapes or {}, model_inputs(model))
     shape_map, assumed = _shape_map(model, shapes or {})
     macs_by_op: Counter[str] = Counter()
     unknown = 0

@@ -140,6 +140,14 @@ def _wrong_dtype(folder: Path) -> list[str]:
     ]
 
 
+def _unknown_shape_name(folder: Path) -> list[str]:
+    return ["optimize", folder / "cnn.onnx", "-o", folder / "out.onnx", "--shape", "img=1x3x8x8"]
+
+
+def _misfit_shape(folder: Path) -> list[str]:
+    return ["inspect", folder / "cnn.onnx", "--shape", "image=1x4x16x16"]
+
+
 def _missing_folder(folder: Path) -> list[str]:
     return ["optimize", folder / "cnn.onnx", "-o", folder / "nowhere" / "out.onnx"]
 
@@ -158,6 +166,8 @@ BAD_INPUTS = {
     "unavailable provider": (_unavailable_provider, r"not available here; available: cpu"),
     "feeds of the wrong shape": (_wrong_shape, r"'image' has shape \[1, 3, 8, 8\]"),
     "feeds of the wrong dtype": (_wrong_dtype, r"'image' is float16 but the model expects"),
+    "--shape of no input": (_unknown_shape_name, r"--shape names img, .*its inputs: image"),
+    "--shape that does not fit": (_misfit_shape, r"--shape image=1x4x16x16 does not fit"),
     "output in a missing folder": (_missing_folder, r"folder .*nowhere does not exist"),
     "output equal to input": (_same_path, r"is the input model"),
 }

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import inspect
+from onnxopt.errors import FeedError
 
 
 def hand_counted_model():
@@ -80,3 +82,10 @@ def test_macs_name_the_input_dims_they_had_to_set_to_one() -> None:
     assert "pass --shape" not in real.macs_text
     # A dynamic batch alone is bound to 1 without a word: that is the usual meaning.
     assert inspect(hand_counted_model()).assumed == []
+
+
+def test_shapes_that_name_no_input_or_do_not_fit_are_refused() -> None:
+    with pytest.raises(FeedError, match="--shape names y, .*its inputs: x"):
+        inspect(hand_counted_model(), {"y": (1, 3, 16, 16)})
+    with pytest.raises(FeedError, match="does not fit"):
+        inspect(hand_counted_model(), {"x": (1, 4, 16, 16)})
