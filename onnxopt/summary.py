@@ -1,10 +1,11 @@
 """What `onnxopt inspect` shows: ops, parameters, MACs, size, opset, inputs and outputs.
 
 MACs are counted for Conv, ConvTranspose, Gemm and MatMul from shapes that
-onnx shape inference derives after binding dynamic input dims (given shapes,
-else 1; an input whose other dims had to be set to 1 is named in `assumed`, so
-that a MAC count for a 1x1 image is never shown as if it were the model's).
-Nodes whose shapes stay unknown are counted as unknown, not guessed.
+onnx shape inference derives after binding the input dims: those given, else
+static dims and a dynamic batch of 1. Other dynamic dims (an image's height and
+width) are not guessed: nodes whose shapes stay unknown, or come out as
+non-positive, are counted as unknown, and the inputs left unbound are named in
+`unbound` so that the report can say which --shape would count them.
 
 Parameters are the initializers and the tensors of Constant nodes: exporters
 such as Paddle's keep every weight in a Constant node.
@@ -41,16 +42,17 @@ class ModelSummary:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     macs_by_op: dict[str, int] = field(default_factory=dict)
-    assumed: list[str] = field(default_factory=list)
+    unbound: list[str] = field(default_factory=list)
 
     @property
     def macs_text(self) -> str:
-        """The MAC count with what it rests on: unknown nodes, inputs set to 1."""
+        """The MAC count with what it leaves out: nodes of unknown shape, and the --shape
+        that would count them."""
         text = f"{self.macs:,}"
         if self.macs_unknown:
-            text += f" ({self.macs_unknown} nodes of unknown shape)"
-        if self.assumed:
-            text += f" (at {', '.join(self.assumed)}: pass --shape for the real size)"
+            nodes = f"{self.macs_unknown} node{'s' * (self.macs_unknown > 1)}"
+            hint = f"; pass --shape {' '.join(self.unbound)}" if self.unbound else ""
+            text += f" (+ {nodes} of unknown shape{hint})"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,7 +67,7 @@ class ModelSummary:
             "macs": self.macs,
             "macs_by_op": self.macs_by_op,
             "macs_unknown_nodes": self.macs_unknown,
-            "macs_assumed_shapes": self.assumed,
+            "unbound_inputs": self.unbound,
             "inputs": self.inputs,
             "outputs": self.outputs,
         }
@@ -74,9 +76,9 @@ class ModelSummary:
 def _shape_map(
     model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
 ) -> tuple[dict[str, list], list[str]]:
-    """Inferred static shapes with the inputs bound, and `name=dims` for each input
-    whose dynamic dims beyond the batch had to be set to 1."""
-    assumed: list[str] = []
+    """Inferred shapes with the inputs bound as far as `shapes` and a batch of 1 go, and
+    `name=dims` (N for each dim left dynamic) for the inputs left partly unbound."""
+    unbound: list[str] = []
     bound = onnx.ModelProto()
     bound.CopyFrom(model)
     specs = {s.name: s for s in model_inputs(model)}
@@ -86,11 +88,22 @@ def _shape_map(
         try:
             dims = bind_shape(specs[vi.name], shapes)
         except FeedError:  # dynamic dims beyond the batch and no --shape for them
-            dims = tuple(d if isinstance(d, int) else 1 for d in specs[vi.name].shape)
-            assumed.append(f"{vi.name}={'x'.join(map(str, dims))}")
+            declared = specs[vi.name].shape
+            dims = tuple(
+                1 if i == 0 and not isinstance(d, int) else d for i, d in enumerate(declared)
+            )
+            unbound.append(
+                f"{vi.name}={'x'.join(str(d) if isinstance(d, int) else 'N' for d in dims)}"
+            )
         for dim, value in zip(vi.type.tensor_type.shape.dim, dims, strict=True):
-            dim.Clear()
-            dim.dim_value = value
+            if isinstance(value, int):
+                dim.Clear()
+                dim.dim_value = value
+    # Shapes stored by the exporter (Paddle writes -1 for dynamic dims) would clash with
+    # the bound ones and stop inference there: infer every shape afresh.
+    del bound.graph.value_info[:]
+    for vi in bound.graph.output:
+        vi.type.tensor_type.ClearField("shape")
     try:
         bound = onnx.shape_inference.infer_shapes(bound, data_prop=True)
     except Exception:
@@ -104,13 +117,14 @@ def _shape_map(
             out[vi.name] = dims
     for init in bound.graph.initializer:
         out[init.name] = list(init.dims)
-    return out, assumed
+    return out, unbound
 
 
 def _macs(node: onnx.NodeProto, shapes: dict[str, list]) -> int | None:
     def known(name: str) -> list | None:
         dims = shapes.get(name)
-        return dims if dims is not None and all(d is not None for d in dims) else None
+        # Exporters write -1 for unknown dims, and a wrong shape can infer to 0 or less.
+        return dims if dims is not None and all(d is not None and d > 0 for d in dims) else None
 
     if node.op_type in ("Conv", "ConvTranspose"):
         weight, out, inp = known(node.input[1]), known(node.output[0]), known(node.input[0])
@@ -139,7 +153,7 @@ def summarize(
     model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None
 ) -> ModelSummary:
     check_shapes(shapes or {}, model_inputs(model))
-    shape_map, assumed = _shape_map(model, shapes or {})
+    shape_map, unbound = _shape_map(model, shapes or {})
     macs_by_op: Counter[str] = Counter()
     unknown = 0
     for node in model.graph.node:
@@ -165,7 +179,7 @@ def summarize(
         inputs=[s.describe() for s in model_inputs(model)],
         outputs=[_describe_output(o) for o in model.graph.output],
         macs_by_op=dict(macs_by_op),
-        assumed=assumed,
+        unbound=unbound,
     )
 
 

@@ -69,19 +69,21 @@ def test_constant_node_weights_count_as_parameters() -> None:
     assert summary.parameter_bytes == summary.parameters * 4
 
 
-def test_macs_name_the_input_dims_they_had_to_set_to_one() -> None:
+def test_unbound_image_dims_leave_nodes_unknown_and_name_the_shape_to_pass() -> None:
     model = hand_counted_model()
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "h", "w"
-    guessed = inspect(model)
-    assert guessed.assumed == ["x=1x3x1x1"]
-    assert guessed.macs == 8 * 27 + 80 + 40  # a 1x1 image
-    assert "at x=1x3x1x1: pass --shape" in guessed.macs_text
-    real = inspect(model, {"x": (1, 3, 16, 16)})
-    assert real.assumed == [] and real.macs == 16 * 16 * 8 * 27 + 80 + 40
-    assert "pass --shape" not in real.macs_text
+    partial = inspect(model)
+    # The Conv depends on h and w: unknown, not counted for a guessed 1x1 image. The
+    # Gemm and MatMul after the global pool are counted.
+    assert partial.macs_by_op == {"Gemm": 80, "MatMul": 40} and partial.macs_unknown == 1
+    assert partial.unbound == ["x=1x3xNxN"]
+    assert partial.macs_text == "120 (+ 1 node of unknown shape; pass --shape x=1x3xNxN)"
+    full = inspect(model, {"x": (1, 3, 16, 16)})
+    assert full.unbound == [] and full.macs_unknown == 0
+    assert full.macs == 16 * 16 * 8 * 27 + 80 + 40 and full.macs_text == f"{full.macs:,}"
     # A dynamic batch alone is bound to 1 without a word: that is the usual meaning.
-    assert inspect(hand_counted_model()).assumed == []
+    assert inspect(hand_counted_model()).unbound == []
 
 
 def test_shapes_that_name_no_input_or_do_not_fit_are_refused() -> None:
@@ -89,3 +91,15 @@ def test_shapes_that_name_no_input_or_do_not_fit_are_refused() -> None:
         inspect(hand_counted_model(), {"y": (1, 3, 16, 16)})
     with pytest.raises(FeedError, match="does not fit"):
         inspect(hand_counted_model(), {"x": (1, 4, 16, 16)})
+
+
+def test_stored_minus_one_dims_do_not_stop_the_count() -> None:
+    # Paddle's exporter stores -1 for dynamic dims in value_info and outputs; inference
+    # with the bound input must not stop at the clash.
+    model = hand_counted_model()
+    model.graph.value_info.append(
+        helper.make_tensor_value_info("c", TensorProto.FLOAT, [-1, 8, 16, 16])
+    )
+    model.graph.value_info.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, [-1, 8]))
+    summary = inspect(model, {"x": (2, 3, 16, 16)})
+    assert summary.macs_unknown == 0 and summary.macs == 2 * (16 * 16 * 8 * 27 + 80 + 40)
