@@ -237,6 +237,28 @@ def mlp(
     )
 
 
+def scaled_relu(shape: Sequence[int | str], opset: int = 17) -> onnx.ModelProto:
+    """scaled = x * 3, y = Relu(scaled), z = scaled - 1: three tensors whose ranges differ
+    and follow the input's, for calibration tests. Input "x" and outputs "y" and "z" are
+    float32 of `shape`."""
+    nodes = [
+        helper.make_node("Mul", ["x", "three"], ["scaled"]),
+        helper.make_node("Relu", ["scaled"], ["y"]),
+        helper.make_node("Sub", ["scaled", "one"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "scaled_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(shape)) for n in ("y", "z")],
+        [
+            helper.make_tensor("three", TensorProto.FLOAT, [], [3.0]),
+            helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
 def _linear(b: _GraphBuilder, x: str, name: str, d_in: int, d_out: int) -> str:
     w = b.const(f"{name}.weight", b.normal((d_in, d_out), 1.0 / math.sqrt(d_in)))
     bias = b.const(f"{name}.bias", b.normal((d_out,), 0.1))

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from onnxopt.calibration import (
     Calibration,
@@ -27,31 +26,10 @@ from onnxopt.test_models import builders
 SAMPLES = 6
 
 
-def _scaled_model() -> onnx.ModelProto:
-    """y = Relu(x * s) and z = x * s - 1, so ranges differ per tensor and grow per sample."""
-    s = helper.make_tensor("s", TensorProto.FLOAT, [], [3.0])
-    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
-    nodes = [
-        helper.make_node("Mul", ["x", "s"], ["scaled"]),
-        helper.make_node("Relu", ["scaled"], ["y"]),
-        helper.make_node("Sub", ["scaled", "one"], ["z"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "scaled",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 16])],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 16]),
-            helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4, 16]),
-        ],
-        [s, one],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
 @pytest.fixture(scope="module")
 def model() -> onnx.ModelProto:
-    return _scaled_model()
+    # Ranges differ per tensor and grow per sample.
+    return builders.scaled_relu([2, 4, 16])
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from onnxopt.calibration import calibrate, compute_range
 from onnxopt.data import ListFeeds, model_inputs
@@ -66,32 +65,9 @@ def test_minmax_calibration_matches_numpy_and_nonnegative_ranges_do_not_move(
     assert known.settings["nonnegative"] == sorted(relu)
 
 
-def _batch_model(opset: int) -> onnx.ModelProto:
-    """y = Relu(x * 3) and z = x * 3 - 1 over a named batch dim."""
-    three = helper.make_tensor("three", TensorProto.FLOAT, [], [3.0])
-    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
-    nodes = [
-        helper.make_node("Mul", ["x", "three"], ["scaled"]),
-        helper.make_node("Relu", ["scaled"], ["y"]),
-        helper.make_node("Sub", ["scaled", "one"], ["z"]),
-    ]
-    shape = ["batch", 4, 5]
-    graph = helper.make_graph(
-        nodes,
-        "batched",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, shape),
-            helper.make_tensor_value_info("z", TensorProto.FLOAT, shape),
-        ],
-        [three, one],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-
-
 @pytest.mark.parametrize("opset", [17, 18])  # ReduceMin's axes: an attribute, then an input
 def test_row_reads_give_each_sample_its_own_range(opset: int) -> None:
-    model = _batch_model(opset)
+    model = builders.scaled_relu(["batch", 4, 5], opset)
     rng = np.random.default_rng(1)
     arrays = [(rng.standard_normal((1, 4, 5)) * (i + 1)).astype(np.float32) for i in range(7)]
     arrays[3][0, 0, 0] = np.inf  # this sample is set aside, the others still count
