@@ -9,8 +9,13 @@ tensor out to Python:
   them anyway, and is not read at all (49 of ResNet-50's 71 calibrated tensors);
 - size: from the inferred shape when it is static, else a Size node.
 
-When samples share a run (`batching`), each tensor is flattened to [rows, -1]
-and reduced per row, and a sample's numbers are those of its rows.
+Tensors of rank 3 or more are reduced in two steps: over the trailing axes, which
+ORT splits across its threads, then over what is left. A single whole-tensor
+reduction of a [1, 256, 56, 56] tensor took 2-3x as long; calibrating PP-OCRv4
+detection's 16 samples went from 156 to 123 ms a sample, with every scale and
+zero point unchanged. When samples share a run (`batching`), the second step
+keeps the batch axis (tensors of unknown rank are flattened to [rows, -1]), and
+a sample's numbers are those of its rows.
 
 The session runs at ORT's extended optimization level: its Conv + activation
 and Conv + Add fusions gave bit-identical ranges on ResNet-50, PP-OCRv4
@@ -71,37 +76,61 @@ def range_reads(
 ) -> RangeReads:
     """Nodes reading each named tensor's min, max and size: per sample, or per row
     when `plan` batches samples."""
-    reads = RangeReads()
-    if plan is not None and plan.rows > 1:
-        opset = default_opset(model)
-        axes = "onnxopt_row_axes"
-        if opset >= 18:
-            reads.nodes.append(helper.make_node("Constant", [], [axes], value_ints=[1]))
-        for name in names:
-            flat = f"{name}/onnxopt_rows"
-            reads.nodes.append(helper.make_node("Flatten", [name], [flat], axis=1))
-            for op, found in (("ReduceMin", reads.mins), ("ReduceMax", reads.maxs)):
-                if op == "ReduceMin" and name in nonnegative:
-                    continue
-                out = found[name] = f"{name}/onnxopt_{op}"
-                inputs, attrs = ([flat, axes], {}) if opset >= 18 else ([flat], {"axes": [1]})
-                reads.nodes.append(helper.make_node(op, inputs, [out], keepdims=0, **attrs))
-            reads.sizes[name] = plan.row_elements[name]
-        return reads
     shapes = shapes if shapes is not None else inferred_shapes(model)
+    per_row = plan is not None and plan.rows > 1
+    reads = RangeReads()
+    reduce = _Reducer(reads.nodes, default_opset(model))
     for name in names:
         shape = shapes.get(name)
+        rank = len(shape) if shape is not None else None
+        source = name
+        if per_row and (rank is None or rank < 2):
+            source = f"{name}/onnxopt_rows"
+            reads.nodes.append(helper.make_node("Flatten", [name], [source], axis=1))
+            rank = 2
         for op, found in (("ReduceMin", reads.mins), ("ReduceMax", reads.maxs)):
             if op == "ReduceMin" and name in nonnegative:
                 continue
             out = found[name] = f"{name}/onnxopt_{op}"
-            reads.nodes.append(helper.make_node(op, [name], [out], keepdims=0))
-        if shape is not None and all(isinstance(d, int) for d in shape):
+            if rank is not None and rank >= 3:
+                # Trailing axes first: ORT spreads that over its threads, and a whole-
+                # tensor reduction of a [1, 256, 56, 56] tensor took 2-3x as long.
+                inner = reduce(op, source, f"{out}_inner", list(range(2, rank)))
+                reduce(op, inner, out, [1] if per_row else None)
+            else:
+                reduce(op, source, out, [1] if per_row else None)
+        if per_row:
+            reads.sizes[name] = plan.row_elements[name]
+        elif shape is not None and all(isinstance(d, int) for d in shape):
             reads.sizes[name] = math.prod(shape)
         else:
             out = reads.sizes[name] = f"{name}/onnxopt_Size"
             reads.nodes.append(helper.make_node("Size", [name], [out]))
     return reads
+
+
+class _Reducer:
+    """Appends ReduceMin/ReduceMax nodes (keepdims=0) in the form the opset wants."""
+
+    def __init__(self, nodes: list[onnx.NodeProto], opset: int) -> None:
+        self.nodes, self.opset = nodes, opset
+        self.constants: dict[tuple[int, ...], str] = {}
+
+    def __call__(self, op: str, source: str, out: str, axes: list[int] | None) -> str:
+        if axes is None:  # every axis
+            self.nodes.append(helper.make_node(op, [source], [out], keepdims=0))
+        elif self.opset < 18:
+            self.nodes.append(helper.make_node(op, [source], [out], keepdims=0, axes=axes))
+        else:
+            self.nodes.append(helper.make_node(op, [source, self._axes(axes)], [out], keepdims=0))
+        return out
+
+    def _axes(self, axes: list[int]) -> str:
+        key = tuple(axes)
+        if key not in self.constants:
+            name = self.constants[key] = f"onnxopt_axes_{'_'.join(map(str, axes))}"
+            self.nodes.append(helper.make_node("Constant", [], [name], value_ints=axes))
+        return self.constants[key]
 
 
 def collect_ranges(

@@ -9,6 +9,7 @@ import pytest
 from onnxopt.calibration import calibrate, compute_range
 from onnxopt.data import ListFeeds, model_inputs
 from onnxopt.minmax import range_reads
+from onnxopt.model import inferred_shapes
 from onnxopt.runtime import float_tensor_names, iter_tensors
 from onnxopt.test_models import builders
 
@@ -41,6 +42,13 @@ def test_reads_skip_what_is_known(cnn) -> None:
         # The Reshape's target comes from Shape ops: inference cannot size its output.
         assert isinstance(reads.sizes[name], int) == (name != "reshape")
     assert [n.input[0] for n in reads.nodes if n.op_type == "Size"] == ["reshape"]
+    # 4-D tensors are reduced over H and W first, then over what is left.
+    shapes = inferred_shapes(cnn)
+    for node in reads.nodes:
+        if node.op_type.startswith("Reduce") and node.input[0] in names:
+            rank = len(shapes[node.input[0]])
+            axes = [list(a.ints) for a in node.attribute if a.name == "axes"]
+            assert axes == ([[2, 3]] if rank == 4 else []), node.input[0]
 
 
 def test_minmax_calibration_matches_numpy_and_nonnegative_ranges_do_not_move(
