@@ -309,9 +309,10 @@ def _externalized(
         if not src.HasField("raw_data") or data_bytes(src) < 1024:
             dst.CopyFrom(src)
             return
-        for field, value in src.ListFields():
-            if field.name != "raw_data":
-                _copy_field(dst, field, value)
+        # Field by field: ListFields would hand back one more copy of the raw bytes.
+        for field in src.DESCRIPTOR.fields:
+            if field.name != "raw_data" and (_repeated(field) or src.HasField(field.name)):
+                _copy_field(dst, field, getattr(src, field.name))
         raw = src.raw_data
         offset = data.tell()
         data.write(raw)
