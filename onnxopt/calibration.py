@@ -36,10 +36,11 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from .batching import batches, plan_batches
+from .batching import batches, plan_batches, run_threads
 from .errors import FeedError
 from .histogram import DEFAULT_BINS, Histogram
 from .minmax import NO_SAMPLES, Progress, collect_ranges
+from .model import inferred_shapes
 from .report import write_text
 from .runtime import float_tensor_names, iter_tensors
 from .statistics import ChannelStats, Statistic, TensorStats
@@ -66,7 +67,9 @@ def collect(
     run's samples in fewer passes, with the same result).
     """
     total = _length(feeds)
-    plan = plan_batches(model, list(stats))
+    shapes = inferred_shapes(model)
+    plan = plan_batches(model, list(stats), shapes)
+    threads = run_threads(model, shapes, total, threads)
     bounds: deque[list[int]] = deque()
 
     def joined() -> Iterator[dict[str, np.ndarray]]:

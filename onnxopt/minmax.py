@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .batching import BatchPlan, Shapes, batches, plan_batches
+from .batching import BatchPlan, Shapes, batches, plan_batches, run_threads
 from .errors import FeedError
 from .model import default_opset, inferred_shapes
 from .runtime import run, session_with_outputs
@@ -151,7 +151,12 @@ def collect_ranges(
     reads = range_reads(model, list(stats), nonnegative, plan, shapes)
     wanted = reads.outputs
     session = session_with_outputs(
-        model, wanted, providers, threads=threads, optimization="extended", extra_nodes=reads.nodes
+        model,
+        wanted,
+        providers,
+        threads=run_threads(model, shapes, total, threads),
+        optimization="extended",
+        extra_nodes=reads.nodes,
     )
     count = 0
     for batch in batches(feeds, plan.rows):

@@ -120,11 +120,32 @@ def _shape_map(
     return out, unbound
 
 
+def macs_per_sample(
+    model: onnx.ModelProto, shapes: dict[str, tuple[int | str | None, ...]]
+) -> int | None:
+    """MACs of one sample from shapes already inferred (`model.inferred_shapes`), a
+    dynamic first dim counted as 1; None when any Conv, Gemm or MatMul cannot be sized."""
+    dims = {
+        name: [1 if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shape)]
+        for name, shape in shapes.items()
+    }
+    dims.update({init.name: list(init.dims) for init in model.graph.initializer})
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in MAC_OPS and node.domain in ("", "ai.onnx"):
+            macs = _macs(node, dims)
+            if macs is None:
+                return None
+            total += macs
+    return total
+
+
 def _macs(node: onnx.NodeProto, shapes: dict[str, list]) -> int | None:
     def known(name: str) -> list | None:
         dims = shapes.get(name)
         # Exporters write -1 for unknown dims, and a wrong shape can infer to 0 or less.
-        return dims if dims is not None and all(d is not None and d > 0 for d in dims) else None
+        sized = dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
+        return dims if sized else None
 
     if node.op_type in ("Conv", "ConvTranspose"):
         weight, out, inp = known(node.input[1]), known(node.output[0]), known(node.input[0])

@@ -9,10 +9,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxopt.batching import MAX_ROWS, batches, plan_batches
+from onnxopt.batching import MAX_ROWS, SMALL_JOB_MACS, batches, plan_batches, run_threads
 from onnxopt.calibration import TensorStats, calibrate
 from onnxopt.data import ListFeeds, model_inputs
 from onnxopt.histogram import Histogram
+from onnxopt.model import inferred_shapes
 from onnxopt.runtime import float_tensor_names, iter_tensors
 from onnxopt.test_models import builders, digits
 
@@ -160,3 +161,20 @@ def test_update_samples_equals_one_update_per_sample(case) -> None:
         assert joined.histogram.limit == alone.histogram.limit
         np.testing.assert_array_equal(joined.histogram.counts, alone.histogram.counts)
         assert joined.histogram.total == batch.size - joined.nonfinite
+
+
+def test_small_jobs_run_on_one_thread_and_the_caller_decides_first(cnn) -> None:
+    shapes = inferred_shapes(cnn)
+    # Three 3x3 Convs (1->16 and 16->32 channels at 8x8, 32->64 at 4x4), Gemms 64x64, 64x10.
+    per_sample = 16 * 64 * 9 + 32 * 64 * 16 * 9 + 64 * 16 * 32 * 9 + 64 * 64 + 64 * 10
+    small = SMALL_JOB_MACS // per_sample  # the most samples that still run on one thread
+    assert run_threads(cnn, shapes, small, None) == 1
+    assert run_threads(cnn, shapes, small + 1, None) is None  # ORT's default pool
+    assert run_threads(cnn, shapes, None, None) is None  # a stream of unknown length
+    assert run_threads(cnn, shapes, 10, 2) == 2 and run_threads(cnn, shapes, 10_000, 1) == 1
+    # A Conv that cannot be sized (dynamic image dims) leaves the choice to ORT.
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(cnn)
+    dims = dynamic.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "h", "w"
+    assert run_threads(dynamic, inferred_shapes(dynamic), 1, None) is None

@@ -8,6 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import inspect
 from onnxopt.errors import FeedError
+from onnxopt.model import inferred_shapes
+from onnxopt.summary import macs_per_sample
 
 
 def hand_counted_model():
@@ -103,3 +105,12 @@ def test_stored_minus_one_dims_do_not_stop_the_count() -> None:
     model.graph.value_info.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, [-1, 8]))
     summary = inspect(model, {"x": (2, 3, 16, 16)})
     assert summary.macs_unknown == 0 and summary.macs == 2 * (16 * 16 * 8 * 27 + 80 + 40)
+
+
+def test_macs_per_sample_from_inferred_shapes() -> None:
+    model = hand_counted_model()
+    # The dynamic batch counts as one sample; the hand count is the same as inspect's.
+    assert macs_per_sample(model, inferred_shapes(model)) == 16 * 16 * 8 * 27 + 80 + 40
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "h", "w"
+    assert macs_per_sample(model, inferred_shapes(model)) is None  # the Conv cannot be sized
