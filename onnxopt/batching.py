@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .data import model_inputs
+from .data import NpzFeeds, model_inputs
 from .model import inferred_shapes
 from .summary import macs_per_sample
 
@@ -106,7 +106,13 @@ def run_threads(
 
 def batches(feeds: Iterable[dict[str, np.ndarray]], rows: int) -> Iterator[Batch]:
     """Consecutive feeds joined along axis 0 up to `rows` rows; a feed whose other dims
-    differ from the batch's starts a new one. With rows=1 each feed is passed as is."""
+    differ from the batch's starts a new one. With rows=1 each feed is passed as is.
+    An .npz source is sliced a batch at a time instead (no batch spans two files)."""
+    if rows > 1 and isinstance(feeds, NpzFeeds):
+        for feed, samples in feeds.row_slices(rows):
+            step = _rows(feed) // samples
+            yield Batch(feed, list(range(0, samples * step + 1, step)))
+        return
     pending: list[dict[str, np.ndarray]] = []
     held = 0
     for feed in feeds:

@@ -272,6 +272,30 @@ class NpzFeeds(FeedSource):
                 yield check_feed(feed, self.specs, source=str(file))
                 produced += 1
 
+    def row_slices(self, rows: int) -> Iterator[tuple[Feed, int]]:
+        """Consecutive samples of one file as one feed of at most `rows` rows, with their
+        count: the data iteration gives, cut once a slice instead of once a sample (one
+        sample a slice when an input's first dim is fixed)."""
+        produced = 0
+        for file in self.files:
+            arrays = self._load(file)
+            count = self._samples(file, {k: v.shape for k, v in arrays.items()})
+            if self.limit is not None:
+                count = min(count, self.limit - produced)
+            steps = {spec.name: self._step(spec) for spec in self.specs}
+            fixed = any(spec.shape and isinstance(spec.shape[0], int) for spec in self.specs)
+            per = 1 if fixed else max(1, rows // max(steps.values(), default=1))
+            for start in range(0, count, per):
+                end = min(count, start + per)
+                feed = {
+                    name: np.ascontiguousarray(arrays[name][start * step : end * step])
+                    for name, step in steps.items()
+                }
+                yield check_feed(feed, self.specs, source=str(file)), end - start
+            produced += count
+            if self.limit is not None and produced >= self.limit:
+                return
+
     def _samples(self, file: Path, shapes: dict[str, tuple[int, ...]]) -> int:
         names = {s.name for s in self.specs}
         if set(shapes) != names:

@@ -31,7 +31,7 @@ peak memory rose by 110 MB.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,7 +49,9 @@ NO_SAMPLES = "the calibration data holds no samples: pass a file or folder with 
 
 
 class RangeStatistic(Protocol):
-    def update_range(self, low: float, high: float, elements: int) -> None: ...
+    def update_ranges(
+        self, lows: Sequence[float], highs: Sequence[float], elements: Sequence[int]
+    ) -> None: ...
 
 
 @dataclass
@@ -162,9 +164,7 @@ def collect_ranges(
     for batch in batches(feeds, plan.rows):
         values = run(session, batch.feed, wanted)
         for name, stat in stats.items():
-            for low, high, size in _sample_ranges(values, reads, name, batch.bounds):
-                if size:
-                    stat.update_range(low, high, size)
+            stat.update_ranges(*_sample_ranges(values, reads, name, batch.bounds))
         for _ in range(batch.samples):
             count += 1
             if progress is not None:
@@ -176,23 +176,17 @@ def collect_ranges(
 
 def _sample_ranges(
     values: dict[str, np.ndarray], reads: RangeReads, name: str, bounds: list[int]
-) -> Iterator[tuple[float, float, int]]:
-    """Each sample's (min, max, size) of tensor `name` from one run's reductions."""
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The min, max and size of tensor `name` for each sample of one run that has rows."""
     highs = values[reads.maxs[name]]
     lows = values[reads.mins[name]] if name in reads.mins else np.zeros_like(highs)
     size = reads.sizes[name]
     per = int(values[size]) if isinstance(size, str) else size
     if len(bounds) == 2 and highs.ndim == 0:
-        yield float(lows), float(highs), per
-        return
-    spans = list(zip(bounds, bounds[1:], strict=False))
-    starts = [start for start, end in spans if end > start]
-    if starts:
-        lows, highs = np.minimum.reduceat(lows, starts), np.maximum.reduceat(highs, starts)
-    filled = 0
-    for start, end in spans:
-        if end == start:
-            yield math.nan, math.nan, 0
-            continue
-        yield float(lows[filled]), float(highs[filled]), (end - start) * per
-        filled += 1
+        return lows.reshape(1), highs.reshape(1), [per]
+    spans = [(start, end) for start, end in zip(bounds, bounds[1:], strict=False) if end > start]
+    if not spans:
+        return np.zeros(0), np.zeros(0), []
+    starts = [start for start, _ in spans]
+    lows, highs = np.minimum.reduceat(lows, starts), np.maximum.reduceat(highs, starts)
+    return lows, highs, [(end - start) * per for start, end in spans]

@@ -81,8 +81,7 @@ class TensorStats:
             for start, end in spans:
                 self.update(x[start:end])
             return
-        for (start, end), low, high in zip(spans, lows, highs, strict=True):
-            self.update_range(float(low), float(high), (end - start) * rows.shape[1])
+        self.update_ranges(lows, highs, [(end - start) * rows.shape[1] for start, end in spans])
         hist = self.histogram
         if hist is None:
             return
@@ -101,19 +100,38 @@ class TensorStats:
 
     def update_range(self, low: float, high: float, elements: int) -> None:
         """Add one sample known only by its min, max and size (no histogram)."""
-        if not (math.isfinite(low) and math.isfinite(high)):
-            # Only reached from in-graph reductions: the whole sample is set aside.
-            self.nonfinite += elements
+        self.update_ranges([low], [high], [elements])
+
+    def update_ranges(
+        self, lows: Sequence[float], highs: Sequence[float], elements: Sequence[int]
+    ) -> None:
+        """Add samples known only by their min, max and size, in order (no histogram).
+
+        A sample whose min or max is not finite is set aside whole: only in-graph
+        reductions give one, and they cannot say which of its values were finite.
+        A sample of no elements is no sample.
+        """
+        low, high = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
+        sizes = np.asarray(elements, np.int64)
+        finite = np.isfinite(low) & np.isfinite(high)
+        keep = finite & (sizes > 0)
+        if not keep.all():
+            self.nonfinite += int(sizes[~finite].sum())
+            low, high, sizes = low[keep], high[keep], sizes[keep]
+        if not low.size:
             return
-        self.min, self.max = min(self.min, low), max(self.max, high)
-        if self.samples == 0:
-            self.average_min, self.average_max = low, high
-        else:
-            c = self.averaging_constant
-            self.average_min += c * (low - self.average_min)
-            self.average_max += c * (high - self.average_max)
-        self.samples += 1
-        self.elements += elements
+        self.min, self.max = min(self.min, float(low.min())), max(self.max, float(high.max()))
+        c = self.averaging_constant
+        average_min, average_max = self.average_min, self.average_max
+        for i, (lo, hi) in enumerate(zip(low.tolist(), high.tolist(), strict=True)):
+            if i == 0 and self.samples == 0:
+                average_min, average_max = lo, hi
+            else:
+                average_min += c * (lo - average_min)
+                average_max += c * (hi - average_max)
+        self.average_min, self.average_max = average_min, average_max
+        self.samples += int(low.size)
+        self.elements += int(sizes.sum())
 
     @property
     def seen(self) -> bool:

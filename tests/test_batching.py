@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from onnxopt.batching import MAX_ROWS, SMALL_JOB_MACS, batches, plan_batches, run_threads
 from onnxopt.calibration import TensorStats, calibrate
-from onnxopt.data import ListFeeds, model_inputs
+from onnxopt.data import ListFeeds, NpzFeeds, model_inputs
 from onnxopt.histogram import Histogram
 from onnxopt.model import inferred_shapes
 from onnxopt.runtime import float_tensor_names, iter_tensors
@@ -178,3 +178,34 @@ def test_small_jobs_run_on_one_thread_and_the_caller_decides_first(cnn) -> None:
     dims = dynamic.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "h", "w"
     assert run_threads(dynamic, inferred_shapes(dynamic), 1, None) is None
+
+
+@pytest.mark.parametrize("limit", [None, 9])
+def test_npz_batches_are_slices_of_the_same_samples(tmp_path, cnn, limit) -> None:
+    rng = np.random.default_rng(5)
+    parts = [rng.standard_normal((n, 1, 8, 8)).astype(np.float32) for n in (7, 5)]
+    for i, part in enumerate(parts):
+        np.savez(tmp_path / f"part{i}.npz", image=part)
+    source = NpzFeeds(tmp_path, model_inputs(cnn), limit=limit)
+    sliced = list(batches(source, rows=3))
+    assert all(isinstance(b.feed["image"], np.ndarray) for b in sliced)
+    # Slices never span two files: 7 samples give 3 + 3 + 1, then 5 (or the 2 left
+    # under the limit) give 3 + 2.
+    expected = [[3, 3, 1, 3, 2], [3, 3, 1, 2]][limit is not None]
+    assert [b.samples for b in sliced] == expected
+    assert all(b.bounds == list(range(b.samples + 1)) for b in sliced)
+    rows = np.concatenate([b.feed["image"] for b in sliced])
+    np.testing.assert_array_equal(rows, np.concatenate(parts)[:limit])
+    # The same samples one at a time, as the source yields them.
+    np.testing.assert_array_equal(rows, np.concatenate([f["image"] for f in source]))
+
+
+def test_range_updates_set_aside_nonfinite_samples_and_skip_empty_ones() -> None:
+    stats = TensorStats("t", averaging_constant=0.5)
+    stats.update_ranges([1.0, np.nan, -2.0, 5.0], [3.0, 1.0, np.inf, 9.0], [4, 5, 6, 0])
+    assert (stats.samples, stats.elements, stats.nonfinite) == (1, 4, 11)
+    assert (stats.min, stats.max, stats.average_min, stats.average_max) == (1.0, 3.0, 1.0, 3.0)
+    stats.update_ranges([-1.0, 0.0], [5.0, 1.0], [2, 2])
+    assert (stats.min, stats.max) == (-1.0, 5.0)
+    # Moving averages in order, c = 0.5: min 1 -> 0 -> 0, max 3 -> 4 -> 2.5.
+    assert (stats.average_min, stats.average_max) == (0.0, 2.5)
