@@ -258,24 +258,13 @@ class NpzFeeds(FeedSource):
             ) from None
 
     def __iter__(self) -> Iterator[Feed]:
-        produced = 0
-        for file in self.files:
-            arrays = self._load(file)
-            for i in range(self._samples(file, {k: v.shape for k, v in arrays.items()})):
-                if self.limit is not None and produced >= self.limit:
-                    return
-                feed = {}
-                for spec in self.specs:
-                    step = self._step(spec)
-                    chunk = arrays[spec.name][i * step : (i + 1) * step]
-                    feed[spec.name] = np.ascontiguousarray(chunk)
-                yield check_feed(feed, self.specs, source=str(file))
-                produced += 1
+        for feed, _ in self.row_slices(1):
+            yield feed
 
     def row_slices(self, rows: int) -> Iterator[tuple[Feed, int]]:
-        """Consecutive samples of one file as one feed of at most `rows` rows, with their
-        count: the data iteration gives, cut once a slice instead of once a sample (one
-        sample a slice when an input's first dim is fixed)."""
+        """Consecutive samples of one file as one feed of at most `rows` rows, each with
+        its number of samples: the data iterating gives, cut and checked once a slice
+        instead of once a sample (one sample a slice when an input's first dim is fixed)."""
         produced = 0
         for file in self.files:
             arrays = self._load(file)
