@@ -63,20 +63,31 @@ class PipelineResult:
         }
 
 
-def verify_loadable(model: onnx.ModelProto) -> None:
-    """The post-pass check: full onnx checker, then an ORT session on CPU.
+def verify_loadable(model: onnx.ModelProto, *, ort: bool = True) -> None:
+    """The post-pass check: full onnx checker, then (with `ort`) an ORT session on CPU.
 
     A large model is written once, with external data, and both checks read that
     file: neither then needs a serialized copy of the weights in memory.
     """
     if tensor_bytes(model) < DISK_SESSION_BYTES:
         check_model(model, full=True)
-        create_session(model, providers=["cpu"], optimization="disable")
+        if ort:
+            create_session(model, providers=["cpu"], optimization="disable")
         return
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         path = save_model(model, Path(tmp) / "candidate.onnx", external_data=True)
         check_file(path, full=True)
-        create_session(path, providers=["cpu"], optimization="disable")
+        if ort:
+            create_session(path, providers=["cpu"], optimization="disable")
+
+
+def _ort_refuses(model: onnx.ModelProto) -> str | None:
+    """Why ORT cannot load `model` (its one-line error), or None when it can."""
+    try:
+        verify_loadable(model)
+    except ModelError as exc:
+        return str(exc)
+    return None
 
 
 class Pipeline:
@@ -90,6 +101,8 @@ class Pipeline:
     def run(self, model: Any, ctx: PassContext | None = None) -> PipelineResult:
         ctx = ctx or PassContext()
         current = load_model(model)
+        # Cleared when ORT cannot load a pass's input: it cannot judge that pass's output.
+        self._ort_checks = True
         start = time.perf_counter()
         before = G.node_count(current)
         records: list[PassRecord] = []
@@ -134,6 +147,27 @@ class Pipeline:
                 break
         return model
 
+    def _verify(self, candidate: onnx.ModelProto, model: onnx.ModelProto) -> str | None:
+        """The post-pass check; ORT's part only while ORT loads what the pass was given.
+
+        A model with an op ORT does not know (a custom domain without its library)
+        fails ORT's check before and after every pass: the pass is not to blame, so
+        the run goes on with the onnx checker alone, and the note returned says so.
+        """
+        try:
+            verify_loadable(candidate, ort=self._ort_checks)
+        except ModelError:
+            refused = _ort_refuses(model) if self._ort_checks else None
+            if refused is None:
+                raise
+            self._ort_checks = False
+            verify_loadable(candidate, ort=False)
+            return (
+                f"the model before this pass does not load in ONNX Runtime either ({refused}): "
+                "passes are checked with the onnx checker only from here on"
+            )
+        return None
+
     def _run_pass(
         self,
         step: Pass,
@@ -152,8 +186,10 @@ class Pipeline:
             result = step.run(graph, ctx)
             if result.changed:
                 candidate = G.to_model(result.graph or graph, like=model)
-                if self.check:
-                    verify_loadable(candidate)
+                note = self._verify(candidate, model) if self.check else None
+                if note:
+                    ctx.logger.warning("pass %s: %s", step.name, note)
+                    result.notes.append(note)
         except OnnxoptError as exc:
             if not isinstance(exc, ModelError):
                 raise

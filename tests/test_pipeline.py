@@ -154,3 +154,22 @@ def test_long_loops_report_progress(tmp_path) -> None:
     label, done, total = events[-1]
     assert "calibrat" in label.lower() and done == 12
     assert [e[1] for e in events] == sorted(e[1] for e in events)
+
+
+def test_a_model_ort_cannot_load_is_checked_with_the_onnx_checker_only(test_passes) -> None:
+    # An op of a domain ORT does not know, before any pass: ORT's check would refuse
+    # every pass's output, through no fault of the pass.
+    model = identity_chain(2)
+    model.graph.node[-1].op_type, model.graph.node[-1].domain = "Mystery", "com.example"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(Exception, match="Mystery"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    result = optimize(model, "t-drop-one-identity,t-dangling-input,t-drop-one-identity")
+    assert [r.status for r in result.records] == ["changed", "rolled back", "changed"]
+    first, broken, last = result.records
+    assert any("onnx checker only" in note and "Mystery" in note for note in first.notes)
+    assert not last.notes  # said once
+    assert "ghost" in (broken.error or "")  # the checker still refuses a broken graph
+    assert result.nodes_after == 2
+    onnx.checker.check_model(result.model, full_check=True)
