@@ -97,6 +97,7 @@ class Pipeline:
         self.steps = parse_spec(steps) if isinstance(steps, str) else list(steps)
         self.strict = strict
         self.check = check
+        self._ort_checks = True
 
     def run(self, model: Any, ctx: PassContext | None = None) -> PipelineResult:
         ctx = ctx or PassContext()
