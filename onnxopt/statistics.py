@@ -111,27 +111,21 @@ class TensorStats:
         reductions give one, and they cannot say which of its values were finite.
         A sample of no elements is no sample.
         """
-        low, high = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
-        sizes = np.asarray(elements, np.int64)
-        finite = np.isfinite(low) & np.isfinite(high)
-        keep = finite & (sizes > 0)
-        if not keep.all():
-            self.nonfinite += int(sizes[~finite].sum())
-            low, high, sizes = low[keep], high[keep], sizes[keep]
-        if not low.size:
-            return
-        self.min, self.max = min(self.min, float(low.min())), max(self.max, float(high.max()))
         c = self.averaging_constant
-        average_min, average_max = self.average_min, self.average_max
-        for i, (lo, hi) in enumerate(zip(low.tolist(), high.tolist(), strict=True)):
-            if i == 0 and self.samples == 0:
-                average_min, average_max = lo, hi
+        for low, high, size in zip(_floats(lows), _floats(highs), _ints(elements), strict=True):
+            if not (math.isfinite(low) and math.isfinite(high)):
+                self.nonfinite += size
+                continue
+            if size <= 0:
+                continue
+            self.min, self.max = min(self.min, low), max(self.max, high)
+            if self.samples == 0:
+                self.average_min, self.average_max = low, high
             else:
-                average_min += c * (lo - average_min)
-                average_max += c * (hi - average_max)
-        self.average_min, self.average_max = average_min, average_max
-        self.samples += int(low.size)
-        self.elements += int(sizes.sum())
+                self.average_min += c * (low - self.average_min)
+                self.average_max += c * (high - self.average_max)
+            self.samples += 1
+            self.elements += size
 
     @property
     def seen(self) -> bool:
@@ -226,3 +220,12 @@ class ChannelStats:
         if not self.track_max:
             raise ValueError(f"channel statistics of '{self.name}' were kept without track_max")
         return self.peak_abs if self.peak_abs is not None else np.zeros(0)
+
+
+def _floats(values: Sequence[float] | np.ndarray) -> list[float]:
+    # Python floats: per-sample arithmetic on numpy scalars costs several times as much.
+    return values.tolist() if isinstance(values, np.ndarray) else [float(v) for v in values]
+
+
+def _ints(values: Sequence[int] | np.ndarray) -> list[int]:
+    return values.tolist() if isinstance(values, np.ndarray) else [int(v) for v in values]
