@@ -21,6 +21,10 @@ class ExternalDataError(ModelError):
     """External data is missing or points outside the model's folder."""
 
 
+class RuntimeLoadError(ModelError):
+    """ONNX Runtime refuses to build a session for the model."""
+
+
 class PassError(OnnxoptError):
     """Unknown pass, bad pass option, or a pass that failed under --strict."""
 

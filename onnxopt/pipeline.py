@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 
 from . import graph as G
-from .errors import ModelError, OnnxoptError, PassError
+from .errors import ModelError, OnnxoptError, PassError, RuntimeLoadError
 from .model import check_file, check_model, load_model, save_model, tensor_bytes
 from .pass_api import Group, Pass, PassContext, Step, parse_spec
 from .runtime import DISK_SESSION_BYTES, create_session
@@ -84,8 +84,8 @@ def verify_loadable(model: onnx.ModelProto, *, ort: bool = True) -> None:
 def _ort_refuses(model: onnx.ModelProto) -> str | None:
     """Why ORT cannot load `model` (its one-line error), or None when it can."""
     try:
-        verify_loadable(model)
-    except ModelError as exc:
+        create_session(model, providers=["cpu"], optimization="disable")
+    except RuntimeLoadError as exc:
         return str(exc)
     return None
 
@@ -157,12 +157,11 @@ class Pipeline:
         """
         try:
             verify_loadable(candidate, ort=self._ort_checks)
-        except ModelError:
-            refused = _ort_refuses(model) if self._ort_checks else None
+        except RuntimeLoadError:  # the checker passed; ORT refused
+            refused = _ort_refuses(model)
             if refused is None:
                 raise
             self._ort_checks = False
-            verify_loadable(candidate, ort=False)
             return (
                 f"the model before this pass does not load in ONNX Runtime either ({refused}): "
                 "passes are checked with the onnx checker only from here on"

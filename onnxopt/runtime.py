@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import FeedError, ModelError, ProviderError
+from .errors import FeedError, ModelError, ProviderError, RuntimeLoadError
 from .model import save_model, tensor_bytes
 
 PROVIDERS: dict[str, str] = {
@@ -117,7 +117,7 @@ def create_session(
         return ort.InferenceSession(source, sess_options=options, providers=resolved)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"ONNX Runtime cannot load the model: {first}") from None
+        raise RuntimeLoadError(f"ONNX Runtime cannot load the model: {first}") from None
 
 
 def _session_from_disk(
