@@ -85,12 +85,19 @@ def plan_batches(
     return BatchPlan(rows, {name: row_elements[name] for name in names})
 
 
+def small_job(model: onnx.ModelProto, shapes: Shapes, samples: int | None) -> bool:
+    """Whether running every sample once needs under `SMALL_JOB_MACS` multiply-adds."""
+    if samples is None:
+        return False
+    macs = macs_per_sample(model, shapes)
+    return macs is not None and macs * samples < SMALL_JOB_MACS
+
+
 def run_threads(
     model: onnx.ModelProto, shapes: Shapes, samples: int | None, threads: int | None
 ) -> int | None:
     """Intra-op threads for a session that runs every sample once: the caller's choice,
-    else one thread when all the samples together need under `SMALL_JOB_MACS`
-    multiply-adds, else ORT's default.
+    else one thread for a `small_job`, else ORT's default.
 
     Starting ORT's thread pool costs milliseconds that a tiny model never wins back:
     the digits CNN (0.6 M MACs a sample) calibrated 100 samples in 12-13 ms on one
@@ -98,10 +105,9 @@ def run_threads(
     43-52 ms; the two broke even near 1600 samples (1 G MACs) and the pool was
     10 % faster at 6400.
     """
-    if threads is not None or samples is None:
+    if threads is not None:
         return threads
-    macs = macs_per_sample(model, shapes)
-    return 1 if macs is not None and macs * samples < SMALL_JOB_MACS else None
+    return 1 if small_job(model, shapes, samples) else None
 
 
 def batches(feeds: Iterable[dict[str, np.ndarray]], rows: int) -> Iterator[Batch]:

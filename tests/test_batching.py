@@ -9,7 +9,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxopt.batching import MAX_ROWS, SMALL_JOB_MACS, batches, plan_batches, run_threads
+from onnxopt import minmax
+from onnxopt.batching import (
+    MAX_ROWS,
+    SMALL_JOB_MACS,
+    batches,
+    plan_batches,
+    run_threads,
+    small_job,
+)
 from onnxopt.calibration import TensorStats, calibrate
 from onnxopt.data import ListFeeds, NpzFeeds, model_inputs
 from onnxopt.histogram import Histogram
@@ -178,6 +186,30 @@ def test_small_jobs_run_on_one_thread_and_the_caller_decides_first(cnn) -> None:
     dims = dynamic.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "h", "w"
     assert run_threads(dynamic, inferred_shapes(dynamic), 1, None) is None
+
+
+def test_a_small_job_builds_at_the_basic_level_with_the_ranges_of_the_extended_one(
+    cnn, cnn_feeds, monkeypatch
+) -> None:
+    names = _names(cnn)
+    relu = {n.output[0] for n in cnn.graph.node if n.op_type == "Relu"}
+    levels: list[str] = []
+    build = minmax.session_with_outputs
+
+    def recorded(*args, **kwargs):
+        levels.append(kwargs["optimization"])
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(minmax, "session_with_outputs", recorded)
+    assert small_job(cnn, inferred_shapes(cnn), len(cnn_feeds))
+    small = calibrate(cnn, cnn_feeds, names, histograms=False, nonnegative=relu)
+    # A stream of unknown length is never a small job.
+    stream = calibrate(cnn, iter(list(cnn_feeds)), names, histograms=False, nonnegative=relu)
+    assert levels == ["basic", "extended"]
+    for name in names:
+        a, b = small.stats[name], stream.stats[name]
+        for field_name in ("min", "max", "average_min", "average_max", "elements"):
+            assert getattr(a, field_name) == getattr(b, field_name), (name, field_name)
 
 
 @pytest.mark.parametrize("limit", [None, 9])
