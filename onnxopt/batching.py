@@ -86,16 +86,15 @@ def plan_batches(
 
 
 def small_job(model: onnx.ModelProto, shapes: Shapes, samples: int | None) -> bool:
-    """Whether running every sample once needs under `SMALL_JOB_MACS` multiply-adds."""
+    """Whether running every sample once needs under `SMALL_JOB_MACS` multiply-adds
+    (never for a stream of unknown length or a model that cannot be sized)."""
     if samples is None:
         return False
     macs = macs_per_sample(model, shapes)
     return macs is not None and macs * samples < SMALL_JOB_MACS
 
 
-def run_threads(
-    model: onnx.ModelProto, shapes: Shapes, samples: int | None, threads: int | None
-) -> int | None:
+def run_threads(small: bool, threads: int | None) -> int | None:
     """Intra-op threads for a session that runs every sample once: the caller's choice,
     else one thread for a `small_job`, else ORT's default.
 
@@ -107,7 +106,7 @@ def run_threads(
     """
     if threads is not None:
         return threads
-    return 1 if small_job(model, shapes, samples) else None
+    return 1 if small else None
 
 
 def batches(feeds: Iterable[dict[str, np.ndarray]], rows: int) -> Iterator[Batch]:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from .batching import batches, plan_batches, run_threads
+from .batching import batches, plan_batches, run_threads, small_job
 from .errors import FeedError
 from .histogram import DEFAULT_BINS, Histogram
 from .minmax import NO_SAMPLES, Progress, collect_ranges
@@ -69,7 +69,7 @@ def collect(
     total = _length(feeds)
     shapes = inferred_shapes(model)
     plan = plan_batches(model, list(stats), shapes)
-    threads = run_threads(model, shapes, total, threads)
+    threads = run_threads(small_job(model, shapes, total), threads)
     bounds: deque[list[int]] = deque()
 
     def joined() -> Iterator[dict[str, np.ndarray]]:

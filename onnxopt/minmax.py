@@ -158,12 +158,13 @@ def collect_ranges(
     plan = plan_batches(model, list(stats), shapes)
     reads = range_reads(model, list(stats), nonnegative, plan, shapes)
     wanted = reads.outputs
+    small = small_job(model, shapes, total)
     session = session_with_outputs(
         model,
         wanted,
         providers,
-        threads=run_threads(model, shapes, total, threads),
-        optimization="all" if small_job(model, shapes, total) else "extended",
+        threads=run_threads(small, threads),
+        optimization="all" if small else "extended",
         extra_nodes=reads.nodes,
     )
     count = 0

@@ -175,17 +175,17 @@ def test_small_jobs_run_on_one_thread_and_the_caller_decides_first(cnn) -> None:
     shapes = inferred_shapes(cnn)
     # Three 3x3 Convs (1->16 and 16->32 channels at 8x8, 32->64 at 4x4), Gemms 64x64, 64x10.
     per_sample = 16 * 64 * 9 + 32 * 64 * 16 * 9 + 64 * 16 * 32 * 9 + 64 * 64 + 64 * 10
-    small = SMALL_JOB_MACS // per_sample  # the most samples that still run on one thread
-    assert run_threads(cnn, shapes, small, None) == 1
-    assert run_threads(cnn, shapes, small + 1, None) is None  # ORT's default pool
-    assert run_threads(cnn, shapes, None, None) is None  # a stream of unknown length
-    assert run_threads(cnn, shapes, 10, 2) == 2 and run_threads(cnn, shapes, 10_000, 1) == 1
-    # A Conv that cannot be sized (dynamic image dims) leaves the choice to ORT.
+    most = SMALL_JOB_MACS // per_sample  # the most samples that still make a small job
+    assert small_job(cnn, shapes, most) and run_threads(True, None) == 1
+    assert not small_job(cnn, shapes, most + 1) and run_threads(False, None) is None
+    assert not small_job(cnn, shapes, None)  # a stream of unknown length
+    assert run_threads(True, 2) == 2 and run_threads(False, 1) == 1  # the caller decides first
+    # A Conv that cannot be sized (dynamic image dims) is never a small job.
     dynamic = onnx.ModelProto()
     dynamic.CopyFrom(cnn)
     dims = dynamic.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "h", "w"
-    assert run_threads(dynamic, inferred_shapes(dynamic), 1, None) is None
+    assert not small_job(dynamic, inferred_shapes(dynamic), 1)
 
 
 def test_a_small_job_builds_at_the_full_level_with_the_ranges_of_the_extended_one(

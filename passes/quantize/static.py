@@ -491,7 +491,7 @@ def _calibrate(
     seconds = time.perf_counter() - start
     config.stats["calibration_samples"] = calibration.samples
     config.stats["calibration_seconds"] = round(
-        config.stats.get("calibration_seconds", 0.0) + seconds, 3
+        config.stats.get("calibration_seconds", 0.0) + seconds, 4
     )
     config.stats["calibrated_tensors"] = config.stats.get("calibrated_tensors", 0) + len(names)
     if config.cache and f"calibration cache: {config.cache}" not in config.notes:
