@@ -6,12 +6,13 @@ import numpy as np
 import onnx
 import pytest
 
+from onnxopt.batching import plan_batches
 from onnxopt.calibration import calibrate, compute_range
 from onnxopt.data import ListFeeds, model_inputs
 from onnxopt.minmax import range_reads
 from onnxopt.model import inferred_shapes
 from onnxopt.runtime import float_tensor_names, iter_tensors
-from onnxopt.test_models import builders
+from onnxopt.test_models import builders, digits
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,22 @@ def test_minmax_calibration_matches_numpy_and_nonnegative_ranges_do_not_move(
         for symmetric in (False, True):
             assert known.range(name, symmetric=symmetric) == plain.range(name, symmetric=symmetric)
     assert known.settings["nonnegative"] == sorted(relu)
+
+
+def test_unsplit_reads_reduce_each_row_in_one_node() -> None:
+    model = onnx.load(digits.DIGITS_CNN)
+    names = ["image", *float_tensor_names(model)]
+    shapes = inferred_shapes(model)
+    plan = plan_batches(model, names, shapes)
+    assert plan.rows > 1
+    split = range_reads(model, names, plan=plan, shapes=shapes)
+    reads = range_reads(model, names, plan=plan, shapes=shapes, split=False)
+    reduces = [n for n in reads.nodes if n.op_type.startswith("Reduce")]
+    assert len(reduces) == 2 * len(names) < len(split.nodes)
+    for node in reduces:
+        rank = len(shapes[node.input[0]])
+        axes = [list(a.ints) for a in node.attribute if a.name == "axes"]
+        assert axes == [list(range(1, rank))], node.input[0]  # every axis but the rows'
 
 
 @pytest.mark.parametrize("opset", [17, 18])  # ReduceMin's axes: an attribute, then an input
