@@ -380,16 +380,21 @@ def table(rows: list[dict], threads: int, runs: int) -> Any:
                     row["model"],
                     row["method"],
                     "ORT" if tool == "ort" else "onnxopt",
-                    round(r["calibration_s"], 2),
-                    round(r["seconds"], 2),
+                    _figure(r["calibration_s"]),
+                    _figure(r["seconds"]),
                     round(r["peak_rss_mb"]),
-                    round(p50, 2) if p50 else "-",
+                    _figure(p50) if p50 else "-",
                     speed,
                     versus,
                     f"{r['score']:.2f} ({row['metric']}; fp32 {row['fp32_score']:.2f})",
                 ]
             )
     return t
+
+
+def _figure(value: float) -> str:
+    """Three significant digits: the 8x8 digits model's figures are milliseconds."""
+    return f"{value:.3g}"
 
 
 def targets(rows: list[dict]) -> list[str]:
