@@ -16,9 +16,10 @@ detection's 16 samples went from 156 to 123 ms a sample, with every scale and
 zero point unchanged. When samples share a run (`batching`), the second step
 keeps the batch axis (tensors of unknown rank are flattened to [rows, -1]), and
 a sample's numbers are those of its rows. A small job (`batching.small_job`)
-runs on one thread, with nothing to split, and reduces in one step: 8 reads
-instead of 15 for the digits CNN, whose calibration took a median 10.3 against
-10.7 ms (10 alternating fresh processes each).
+reduces in one step: it runs on one thread unless told otherwise, so there is
+nothing to split, and the digits CNN then needs 8 reads instead of 15 (its
+calibration took a median 10.3 against 10.7 ms, 10 alternating fresh processes
+each).
 
 The session runs at ORT's extended optimization level: its Conv + activation
 and Conv + Add fusions gave bit-identical ranges on ResNet-50, PP-OCRv4
