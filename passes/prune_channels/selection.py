@@ -36,7 +36,7 @@ def _constraints(an: Analysis, min_channels: int) -> list[tuple[np.ndarray, int]
     return out
 
 
-def _rounded_target(n: int, target: int, round_to: int, min_keep: int) -> int:
+def rounded_target(n: int, target: int, round_to: int, min_keep: int) -> int:
     target = max(0, min(target, n - min_keep))
     if round_to > 1 and n >= round_to:
         keep = n - target
@@ -78,7 +78,7 @@ def group_targets(
     for g in groups:
         n_exact = int(np.count_nonzero(exact[g.classes]))
         min_keep = min(max(min_channels, 1), g.size)
-        targets[g.id] = _rounded_target(g.size, max(wanted[g.id], n_exact), round_to, min_keep)
+        targets[g.id] = rounded_target(g.size, max(wanted[g.id], n_exact), round_to, min_keep)
     return targets
 
 

@@ -1,0 +1,98 @@
+"""Held-out feeds and the accuracy target of prune-channels.
+
+The target is `quantize(target=...)`'s, parsed by the same function: `cosine:X`,
+`rel_error:X`, `top1:X` (argmax agreement with the original model on every 2-D
+output), or a callable `f(ref, cand) -> bool` through the API. The last `holdout`
+share of the feeds is held out: reconstruction and data-aware importance never see
+it, and the target, the reported cosine and relative error, and the per-layer
+recovery check are measured on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxopt.errors import PassError
+from onnxopt.model import inferred_shapes
+from onnxopt.passes.quantize.mixed import FeedSlice, Target, outputs_of, parse_target
+from onnxopt.summary import macs_per_sample
+from onnxopt.verify import ErrorStats
+
+from .search import Measure
+
+__all__ = ["HeldOut", "Target", "macs_of", "split", "target_of"]
+
+
+def target_of(value: Any) -> Target | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return parse_target(value)
+    except PassError as error:
+        raise PassError(str(error).replace("quantize:", "prune-channels:", 1)) from None
+
+
+def split(feeds: Any, holdout: float) -> tuple[Any, Any, bool]:
+    """(calibration feeds, held-out feeds, whether they differ): the last share held out.
+
+    A single sample cannot be split: it serves both, and the third item says so.
+    """
+    try:
+        count = len(feeds)
+    except TypeError:
+        feeds = list(feeds)
+        count = len(feeds)
+    held = max(1, round(count * holdout))
+    if count - held < 1:
+        return feeds, feeds, False
+    return FeedSlice(feeds, 0, count - held), FeedSlice(feeds, count - held, count), True
+
+
+def macs_of(model: onnx.ModelProto) -> int | None:
+    try:
+        return macs_per_sample(model, inferred_shapes(model))
+    except Exception:  # noqa: BLE001 - a count is a report, never a reason to fail
+        return None
+
+
+class HeldOut:
+    """The target and output error of a candidate on the held-out feeds."""
+
+    def __init__(
+        self,
+        reference: onnx.ModelProto,
+        feeds: Any,
+        target: Target | None,
+        providers: Sequence[str],
+        threads: int | None,
+    ):
+        self.feeds = list(feeds)
+        self.target = target
+        self.providers, self.threads = providers, threads
+        self.reference = outputs_of(reference, self.feeds, providers, threads)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def __call__(self, candidate: onnx.ModelProto, count_macs: bool = True) -> Measure:
+        outputs = outputs_of(candidate, self.feeds, self.providers, self.threads)
+        cosine, rel = 1.0, 0.0
+        for name in self.reference[0]:
+            if self.reference[0][name].dtype.kind != "f":
+                continue
+            stats = ErrorStats(name)
+            for r, c in zip(self.reference, outputs, strict=True):
+                stats.update(r[name], c[name])
+            cosine = min(cosine, stats.cosine)
+            if stats.ref_sq:
+                rel = max(rel, math.sqrt(stats.err_sq / stats.ref_sq))
+        met, value = True, None
+        if self.target is not None:
+            met, value = self.target.evaluate(self.reference, outputs)
+        macs = macs_of(candidate) if count_macs else None
+        return Measure(bool(met), value, float(np.float64(cosine)), rel, macs)
