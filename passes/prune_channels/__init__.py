@@ -122,7 +122,7 @@ class PruneChannels(Pass):
     exact: bool = True
     data_aware: bool = False
     bias_compensation: bool = False
-    reconstruct: bool = False
+    reconstruct: bool | None = None
     ridge: float = 1e-3
     greedy_metric: str = ""
     target: str | Callable[[dict, dict], bool] | None = None
@@ -143,13 +143,16 @@ class PruneChannels(Pass):
         self._check()
         target = target_of(self.target)
         budget = parse_budget(self.greedy_metric)
-        recovering = self.bias_compensation or self.reconstruct
+        reconstruct = self.reconstruct
+        if reconstruct is None:  # on by default where a target comes with data
+            reconstruct = target is not None and ctx.feeds is not None
+        recovering = self.bias_compensation or reconstruct
         wanted = [
             name
             for name, on in (
                 ("data_aware", self.data_aware),
                 ("bias_compensation", self.bias_compensation),
-                ("reconstruct", self.reconstruct),
+                ("reconstruct", bool(self.reconstruct)),
                 ("greedy_metric", budget is not None),
             )
             if on
@@ -180,10 +183,10 @@ class PruneChannels(Pass):
             stats["holdout_samples"] = len(held)
             if not separate:
                 notes.append("one sample only: the figures are measured on the data fitted")
-            if wanted:
-                calib = self._calibrate(an, calib_feeds, ctx, prunable)
+            if wanted or recovering:
+                calib = self._calibrate(an, calib_feeds, ctx, prunable, reconstruct)
             if recovering and separate:
-                held_stats = self._calibrate(an, held_feeds, ctx, prunable, held=True)
+                held_stats = self._calibrate(an, held_feeds, ctx, prunable, reconstruct, True)
         elif target is not None:
             notes.append(
                 f"accuracy was not checked: target {target.label} needs data (--data); "
@@ -200,7 +203,7 @@ class PruneChannels(Pass):
         exact &= prunable_mask
         recovery = {
             "bias_compensation": self.bias_compensation,
-            "reconstruct": self.reconstruct,
+            "reconstruct": reconstruct,
             "ridge": self.ridge,
             "held": held_stats,
         }
@@ -294,6 +297,7 @@ class PruneChannels(Pass):
         feeds: Any,
         ctx: PassContext,
         prunable: list[ChannelGroup],
+        reconstruct: bool,
         held: bool = False,
     ) -> CalibrationStats:
         groups = {g.id for g in prunable}
@@ -304,7 +308,7 @@ class PruneChannels(Pass):
             if not groups & {int(g) for g in an.class_group[an.elem_class[lay.elems]]}:
                 continue
             axes[absorber.tensor] = lay.axis
-            if self.reconstruct:
+            if reconstruct:
                 patch = _patches(an, absorber.node, absorber.tensor)
                 if patch is not None and lay.length * patch.taps < MAX_GRAM_FEATURES:
                     grams.append((absorber.node, absorber.tensor, patch))
@@ -315,7 +319,7 @@ class PruneChannels(Pass):
             feeds,
             axes,
             mean_abs=self.data_aware and not held,
-            mean=self.bias_compensation or self.reconstruct,
+            mean=self.bias_compensation or reconstruct,
             grams=grams,
             providers=ctx.providers,
             threads=ctx.threads,

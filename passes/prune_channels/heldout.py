@@ -38,7 +38,7 @@ def normalized(gram: np.ndarray) -> np.ndarray:
 
 def output_error(moments: np.ndarray, delta: np.ndarray) -> float:
     """Mean squared change of the outputs, sum over outputs of d G d^T."""
-    return float(np.einsum("of,fg,og->", delta, moments, delta))
+    return float(np.sum((delta @ moments) * delta))
 
 
 def output_delta(

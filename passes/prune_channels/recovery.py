@@ -350,9 +350,17 @@ def plan_recovery(
                 rec.counts["exact_offsets"] += 1
         if unknown.size == 0 or stats is None:
             continue
-        choice = _recover_one(
-            an, absorber, stats, held, kept, unknown, bias_compensation, reconstruct, ridge, rec
-        )
+        # A search builds many models in which most consumers lose the same channels.
+        key = (absorber.node, kept.tobytes(), bias_compensation, reconstruct, ridge, id(held))
+        if key not in stats.memo:
+            checks = Recovery()
+            args = (bias_compensation, reconstruct, ridge, checks)
+            stats.memo[key] = (
+                _recover_one(an, absorber, stats, held, kept, unknown, *args),
+                checks.checks,
+            )
+        choice, checks = stats.memo[key]
+        rec.checks.extend(checks)
         if choice is None:
             continue
         label, updated, offset = choice

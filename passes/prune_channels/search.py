@@ -2,20 +2,22 @@
 
 Rules:
 - Each prunable group has levels: the number of classes it loses at ratios 0, 0.05,
-  0.10, ... up to the ceiling (`ratio` when given, else 0.9), after `round_to` and
+  0.10, ... and the ceiling (`ratio` when given, else 0.9), after `round_to` and
   `min_channels`; level 0 removes only the exact (dead or constant) classes.
-- Sensitivity: every group is pruned alone by one level, with recovery, and the
-  relative error of the model outputs on the held-out feeds is measured, with the
-  MACs that step saves.
-- Allocation: a level step is an item whose cost is the group's sensitivity grown
-  quadratically with the classes removed, and whose gain is the MACs it saves
-  (linear). Items are ranked by cost per MAC saved: one global greedy order, in which
-  a group's levels come in order.
-- Search: the whole order is tried first, then a binary search finds the longest
-  prefix of it that meets the target, then up to `EXTRA_TRIES` single items past
-  that prefix are tried one by one (a group whose item fails takes no further
-  item). Every model tried is built with recovery and measured on the held-out
-  feeds; only a measured model that met the target is returned.
+- Sensitivity: every group is pruned alone, with recovery, at its first level, a
+  quarter, half and all of its levels; the squared relative error of the model
+  outputs on the held-out feeds (squares of independent errors add up) and the MACs
+  saved are measured there and interpolated in between.
+- Allocation: a level step is an item whose cost is the rise of that squared error
+  and whose gain is the MACs it saves. Items are ranked by cost per MAC saved: one
+  global greedy order, in which a group's levels come in order.
+- Search: the longest prefix of that order that meets the target (all of it, else
+  a binary search), and the same for uniform levels (every group at level j); the
+  one with fewer MACs wins, so the result is never below the best uniform ratio.
+  Then up to `EXTRA_TRIES` single items past it are tried one by one in the greedy
+  order (a group whose item fails takes no further item). Every model tried is
+  built with recovery and measured on the held-out feeds; only a measured model
+  that met the target is returned.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .selection import rounded_target
 
 LEVEL_STEP = 0.05
 DEFAULT_CEILING = 0.9
-EXTRA_TRIES = 8
+EXTRA_TRIES = 8  # past the binary search, besides one failed try per group
 
 
 @dataclass
@@ -53,8 +55,9 @@ class SearchRecord:
 def levels(group: ChannelGroup, n_exact: int, ceiling: float, round_to: int, min_keep: int):
     """Distinct class counts the group may lose, ascending, the first one the exact floor."""
     out: list[int] = []
-    for k in range(int(math.floor(ceiling / LEVEL_STEP + 1e-9)) + 1):
-        wanted = max(int(k * LEVEL_STEP * group.size + 1e-9), n_exact)
+    ratios = [k * LEVEL_STEP for k in range(int(math.floor(ceiling / LEVEL_STEP + 1e-9)) + 1)]
+    for ratio in [*ratios, ceiling]:
+        wanted = max(int(ratio * group.size + 1e-9), n_exact)
         removed = rounded_target(group.size, wanted, round_to, min_keep)
         if not out or removed > out[-1]:
             out.append(removed)
@@ -78,26 +81,34 @@ def search_removals(
         return result
 
     start = run(base, "exact removals only")
-    # Sensitivity of one level step per group.
+    # Sensitivity: each group pruned alone at a few levels; squared relative error (which
+    # adds up over independent errors) and MACs are interpolated between them.
     items: list[tuple[float, int, int, int]] = []  # (priority, group, level index, count)
     for g in groups:
         steps = group_levels[g.id]
         if len(steps) < 2:
             continue
-        trial = dict(base)
-        trial[g.id] = steps[1]
-        result = measure(trial)
-        record.evaluations += 1
-        error = max(result.rel_error, 1e-12)
-        record.sensitivity[g.id] = error
-        saved = 1.0
-        if base_macs is not None and start.macs is not None and result.macs is not None:
-            saved = max(float(start.macs - result.macs), 1.0)
-        first = steps[1] - steps[0]
+        probes = sorted({1, len(steps) // 4, len(steps) // 2, len(steps) - 1} - {0})
+        counts, errors, macs = [steps[0]], [start.rel_error**2], [start.macs]
+        for j in probes:
+            result = measure({**base, g.id: steps[j]})
+            record.evaluations += 1
+            record.steps.append(f"group {g.id} alone at level {j}: {_describe(result)}")
+            counts.append(steps[j])
+            errors.append(max(result.rel_error**2, errors[-1]))
+            macs.append(result.macs)
+        record.sensitivity[g.id] = errors[1]
+        cost = np.interp(steps, counts, errors)
+        if all(m is not None for m in macs):
+            saved = np.interp(steps, counts, [float(start.macs - m) for m in macs])  # type: ignore[operator]
+        else:
+            saved = np.asarray(steps, dtype=float)
+        priority = 0.0
         for j in range(1, len(steps)):
-            grown = ((steps[j] - steps[0]) ** 2 - (steps[j - 1] - steps[0]) ** 2) / first**2
-            gain = saved * (steps[j] - steps[j - 1]) / first
-            items.append((error * grown / gain, g.id, j, steps[j]))
+            gain = max(float(saved[j] - saved[j - 1]), 1e-9)
+            # a group's levels come in order: a later level never ranks before an earlier one
+            priority = max(priority, float(cost[j] - cost[j - 1]) / gain)
+            items.append((priority, g.id, j, steps[j]))
     items.sort(key=lambda item: (item[0], item[1], item[2]))
 
     def prefix(k: int) -> dict[int, int]:
@@ -106,25 +117,23 @@ def search_removals(
             plan[gid] = count
         return plan
 
-    best_k, best = 0, start
+    def uniform(level: int) -> dict[int, int]:
+        return {gid: steps[min(level, len(steps) - 1)] for gid, steps in group_levels.items()}
+
     if not start.met:
         return base, start, record
-    full = run(prefix(len(items)), f"all {len(items)} level steps")
-    if full.met:
-        return prefix(len(items)), full, record
-    lo, hi = 0, len(items)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        result = run(prefix(mid), f"first {mid} of {len(items)} level steps")
-        if result.met:
-            lo, best_k, best = mid, mid, result
-        else:
-            hi = mid
-    plan = prefix(best_k)
+    ranked = [prefix(k) for k in range(len(items) + 1)]
+    depth = max(len(steps) for steps in group_levels.values())
+    even = [uniform(level) for level in range(depth)]
+    found = [
+        _longest_met(ranked, start, run, "of the ranked level steps"),
+        _longest_met(even, start, run, "uniform level"),
+    ]
+    plan, best = min(found, key=lambda f: (_macs_key(f[1]), -sum(f[0].values())))
     blocked: set[int] = set()
     tries = 0
-    for _, gid, _, count in items[best_k:]:
-        if tries >= EXTRA_TRIES:
+    for _, gid, _, count in items:
+        if tries >= EXTRA_TRIES + len(blocked):
             break
         if gid in blocked or count <= plan[gid]:
             continue
@@ -136,6 +145,35 @@ def search_removals(
         else:
             blocked.add(gid)
     return plan, best, record
+
+
+def _macs_key(result: Measure) -> float:
+    return float(result.macs) if result.macs is not None else math.inf
+
+
+def _longest_met(
+    plans: list[dict[int, int]],
+    start: Measure,
+    run: Callable[[dict[int, int], str], Measure],
+    label: str,
+) -> tuple[dict[int, int], Measure]:
+    """The last plan of a sequence that meets the target: the last one, else bisection.
+
+    plans[0] is known to meet it (`start`).
+    """
+    last = len(plans) - 1
+    result = run(plans[last], f"{last} {label} (all)")
+    if result.met:
+        return plans[last], result
+    lo, hi, best = 0, last, start
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        result = run(plans[mid], f"{mid} {label}")
+        if result.met:
+            lo, best = mid, result
+        else:
+            hi = mid
+    return plans[lo], best
 
 
 def _describe(result: Measure) -> str:

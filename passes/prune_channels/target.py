@@ -27,6 +27,8 @@ from .search import Measure
 
 __all__ = ["HeldOut", "Target", "macs_of", "split", "target_of"]
 
+BATCH = 64  # held-out samples per ORT run, where the batch dim allows it
+
 
 def target_of(value: Any) -> Target | None:
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -72,15 +74,17 @@ class HeldOut:
         threads: int | None,
     ):
         self.feeds = list(feeds)
+        self.samples = len(self.feeds)
+        self.batches = _batched(reference, self.feeds)
         self.target = target
         self.providers, self.threads = providers, threads
-        self.reference = outputs_of(reference, self.feeds, providers, threads)
+        self.reference = outputs_of(reference, self.batches, providers, threads)
 
     def __len__(self) -> int:
-        return len(self.feeds)
+        return self.samples
 
     def __call__(self, candidate: onnx.ModelProto, count_macs: bool = True) -> Measure:
-        outputs = outputs_of(candidate, self.feeds, self.providers, self.threads)
+        outputs = outputs_of(candidate, self.batches, self.providers, self.threads)
         cosine, rel = 1.0, 0.0
         for name in self.reference[0]:
             if self.reference[0][name].dtype.kind != "f":
@@ -96,3 +100,22 @@ class HeldOut:
             met, value = self.target.evaluate(self.reference, outputs)
         macs = macs_of(candidate) if count_macs else None
         return Measure(bool(met), value, float(np.float64(cosine)), rel, macs)
+
+
+def _batched(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[dict]:
+    """Feeds joined into runs of up to BATCH samples where every input's first dim is free."""
+    initializers = {init.name for init in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if not dims or dims[0].HasField("dim_value"):
+            return feeds
+    out: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(feeds), BATCH):
+        chunk = feeds[start : start + BATCH]
+        try:
+            out.append({k: np.concatenate([f[k] for f in chunk]) for k in chunk[0]})
+        except ValueError:  # shapes differ past the first axis: one sample per run
+            return feeds
+    return out
