@@ -198,12 +198,70 @@ def accuracy() -> tuple[Table, dict]:
     return table, data
 
 
+def _ratios(result, labels: list[str]) -> list[tuple[float, float, float, float]]:
+    """(p25 ms, p50 ms, p25 ratio, median ratio) of each label against the first."""
+    first = result.timing(labels[0])
+    out = []
+    for label in labels:
+        t = result.timing(label)
+        p25, p50 = t.percentile(25), t.p50
+        out.append((p25, p50, first.percentile(25) / p25, first.p50 / p50))
+    return out
+
+
+def round_to_speed(runs: int, threads: int) -> tuple[Table, list]:
+    """ratio=0.3 with round_to 1, 4, 8, 16 on ResNet-50 (seeded) and PP-OCRv4 det."""
+    table = Table(
+        f"prune-channels(ratio=0.3) by round_to, CPU provider, {threads} thread(s), "
+        f"{runs} interleaved runs",
+        ["model", "round_to", "MACs G", "p25 ms", "p50 ms", "p25 speed-up", "median speed-up"],
+    )
+    resnet = next(p for p in fetch.light_models() if p.stem == "light_resnet50")
+    cases = [
+        ("resnet50", seeded_weights(onnx.load(resnet)), {}),
+        ("ppocr_det", onnx.load(fetch.fetch("ppocr_det")), {"x": (1, 3, 640, 640)}),
+    ]
+    data = []
+    for label, model, shapes in cases:
+        model = optimize(model, "fold-constants").model
+        ctx = PassContext(shapes=shapes)
+        variants = {"original": model}
+        for round_to in ROUND_TO:
+            spec = f"prune-channels(ratio=0.3,round_to={round_to},latency_check=false)"
+            variants[f"round_to={round_to}"] = optimize(model, spec, ctx).model
+        feeds = RandomFeeds(model_inputs(model), 1, shapes=shapes)
+        names = list(variants)
+        result = bench(
+            list(variants.values()), labels=names, feeds=feeds, threads=threads, runs=runs
+        )
+        for name, (p25, p50, r25, r50) in zip(names, _ratios(result, names), strict=True):
+            macs = inspect(variants[name], shapes=shapes).macs / 1e9
+            table.rows.append([label, name, round(macs, 3), p25, p50, f"{r25:.2f}x", f"{r50:.2f}x"])
+            data.append({"model": label, "variant": name, "macs": macs, "p25_ms": p25,
+                         "p50_ms": p50, "p25_speedup": r25, "median_speedup": r50})  # fmt: skip
+        print(render_markdown([table]), file=sys.stderr)
+    return table, data
+
+
+ROUND_TO = (1, 4, 8, 16)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model (default 30)")
     parser.add_argument("--skip-speed", action="store_true", help="coverage and accuracy only")
     parser.add_argument("--models", help="comma-separated labels to keep (default: all)")
+    parser.add_argument("--round-to", action="store_true", help="only the round_to speed table")
+    parser.add_argument("--threads", type=int, default=1, help="threads of --round-to (1)")
     args = parser.parse_args(argv)
+    if args.round_to:
+        table, data = round_to_speed(args.runs, args.threads)
+        markdown = render_markdown([table])
+        print(markdown)
+        RESULTS.mkdir(exist_ok=True)
+        write_text(RESULTS / "prune_round_to.md", markdown)
+        write_json(RESULTS / "prune_round_to.json", {"runs": args.runs, "rows": data})
+        return 0
     selected = models()
     if args.models:
         wanted = {m.strip() for m in args.models.split(",")}

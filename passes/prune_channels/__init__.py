@@ -30,7 +30,14 @@ from .dependency import Analysis, ChannelGroup
 from .greedy import greedy_keep, parse_budget
 from .importance import data_importance, weight_importance
 from .recovery import Recovery, apply_offsets, apply_weights, exact_classes, plan_recovery
-from .search import DEFAULT_CEILING, Measure, levels, removal_ratios, search_removals
+from .search import (
+    DEFAULT_CEILING,
+    Measure,
+    confirmed,
+    levels,
+    removal_ratios,
+    search_removals,
+)
 from .selection import choose, group_targets
 from .statistics import MAX_GRAM_FEATURES, CalibrationStats, PatchSpec, gather
 from .target import HeldOut, macs_of, split, target_of
@@ -244,6 +251,7 @@ class PruneChannels(Pass):
         if held is not None:
             pruned = _better_of(an, keep, pruned, held, recovering, stats, notes)
         stats.update(_removal_stats(an, keep, exact, graph, pruned))
+        stats.update(_macs_stats(an, pruned, held))
         notes.append(_ratio_note(an, keep))
         if self.latency_check:
             feed = held.feeds[:1] if held is not None else None
@@ -271,10 +279,16 @@ class PruneChannels(Pass):
         def keep_of(plan: dict[int, int]) -> np.ndarray:
             return choose(an, scores, exact, plan, self.min_channels)
 
-        def measure(plan: dict[int, int]) -> Measure:
-            return held(to_model(build(keep_of(plan))))
+        def measure(plan: dict[int, int], part: str = "search") -> Measure:
+            return held(to_model(build(keep_of(plan))), part=part)
 
-        plan, best, record = search_removals(prunable, group_levels, measure, macs_of(an.model))
+        plan, best, record = search_removals(prunable, group_levels, measure)
+        found = confirmed(record, lambda p: measure(p, "all"))
+        if found is not None:
+            plan, best = found
+        elif best.met:  # the search's finalists all failed the confirmation
+            plan = {g.id: group_levels[g.id][0] for g in prunable}
+            best = measure(plan, "all")
         assert held.target is not None
         stats["target_met"] = int(best.met)
         stats["search_evaluations"] = record.evaluations
@@ -351,6 +365,15 @@ def _better_of(
             pruned, after = plain, before
     stats["cosine"], stats["rel_error"] = after.cosine, after.rel_error
     return pruned
+
+
+def _macs_stats(an: Analysis, pruned: gs.Graph, held: HeldOut | None) -> dict[str, int]:
+    """MACs of one sample before and after, dynamic dims bound to a held-out feed's."""
+    feed = held.feeds[0] if held is not None else None
+    before = onnx.ModelProto()
+    before.CopyFrom(an.model)
+    counts = {"macs_before": macs_of(before, feed), "macs_after": macs_of(to_model(pruned), feed)}
+    return {k: v for k, v in counts.items() if v is not None}
 
 
 def _ratio_note(an: Analysis, keep: np.ndarray) -> str:

@@ -55,7 +55,15 @@ def split(feeds: Any, holdout: float) -> tuple[Any, Any, bool]:
     return FeedSlice(feeds, 0, count - held), FeedSlice(feeds, count - held, count), True
 
 
-def macs_of(model: onnx.ModelProto) -> int | None:
+def macs_of(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None = None) -> int | None:
+    """MACs of one sample; dynamic input dims are bound to `feed`'s (the model is edited)."""
+    if feed:
+        for value in model.graph.input:
+            if value.name in feed:
+                dims = value.type.tensor_type.shape.dim
+                for i, size in enumerate(feed[value.name].shape[: len(dims)]):
+                    if dims[i].dim_value <= 0:  # a name, or -1 as some exporters write
+                        dims[i].dim_value = 1 if i == 0 else int(size)
     try:
         return macs_per_sample(model, inferred_shapes(model))
     except Exception:  # noqa: BLE001 - a count is a report, never a reason to fail
@@ -75,30 +83,44 @@ class HeldOut:
     ):
         self.feeds = list(feeds)
         self.samples = len(self.feeds)
-        self.batches = _batched(reference, self.feeds)
+        half = self.samples // 2 if self.samples > 1 else self.samples
         self.target = target
         self.providers, self.threads = providers, threads
-        self.reference = outputs_of(reference, self.batches, providers, threads)
+        self.parts = {
+            "search": _batched(reference, self.feeds[:half]),
+            "confirm": _batched(reference, self.feeds[half:] or self.feeds),
+        }
+        self.parts["all"] = self.parts["search"] + self.parts["confirm"]
+        self.reference = {
+            part: outputs_of(reference, batches, providers, threads)
+            for part, batches in self.parts.items()
+            if part != "all"
+        }
+        self.reference["all"] = self.reference["search"] + self.reference["confirm"]
 
     def __len__(self) -> int:
         return self.samples
 
-    def __call__(self, candidate: onnx.ModelProto, count_macs: bool = True) -> Measure:
-        outputs = outputs_of(candidate, self.batches, self.providers, self.threads)
+    def __call__(
+        self, candidate: onnx.ModelProto, count_macs: bool = True, part: str = "all"
+    ) -> Measure:
+        """The measure on the first half ("search"), the second ("confirm") or all."""
+        outputs = outputs_of(candidate, self.parts[part], self.providers, self.threads)
+        reference = self.reference[part]
         cosine, rel = 1.0, 0.0
-        for name in self.reference[0]:
-            if self.reference[0][name].dtype.kind != "f":
+        for name in reference[0]:
+            if reference[0][name].dtype.kind != "f":
                 continue
             stats = ErrorStats(name)
-            for r, c in zip(self.reference, outputs, strict=True):
+            for r, c in zip(reference, outputs, strict=True):
                 stats.update(r[name], c[name])
             cosine = min(cosine, stats.cosine)
             if stats.ref_sq:
                 rel = max(rel, math.sqrt(stats.err_sq / stats.ref_sq))
         met, value = True, None
         if self.target is not None:
-            met, value = self.target.evaluate(self.reference, outputs)
-        macs = macs_of(candidate) if count_macs else None
+            met, value = self.target.evaluate(reference, outputs)
+        macs = macs_of(candidate, self.feeds[0]) if count_macs else None
         return Measure(bool(met), value, float(np.float64(cosine)), rel, macs)
 
 
