@@ -72,7 +72,8 @@ def test_a_callable_target_sees_the_held_out_outputs(digits_case):
     step = get_pass("prune-channels")(target=agree, holdout=holdout)
     result = optimize(model, [step], ctx, strict=True)
     assert result.records[-1].stats["target_met"] == 1
-    assert set(seen) == {269}
+    # The search sees the first half of the held-out samples, the finalists all of them.
+    assert set(seen) == {134, 269}
 
 
 def test_without_data_a_target_prunes_by_magnitude_and_says_so():
