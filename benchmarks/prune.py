@@ -246,6 +246,41 @@ def round_to_speed(runs: int, threads: int) -> tuple[Table, list]:
 ROUND_TO = (1, 4, 8, 16)
 
 
+def recovery_finding() -> tuple[Table, list]:
+    """Why reconstruction made the text-direction classifier worse (issue 18).
+
+    64 rendered lines (seed 1), the last 16 held out by the pass; per ratio, the
+    held-out error without recovery, with reconstruction (before the pass's guard
+    drops it) and the median of each consumer's own held-out output error.
+    """
+    from onnxopt.test_models import textlines
+
+    model = optimize(onnx.load(fetch.fetch("ppocr_cls")), "simplify").model
+    x = textlines.labelled_feeds(64, 1)[0]
+    feeds = ListFeeds([{"x": x[i : i + 1]} for i in range(len(x))], model_inputs(model))
+    table = Table(
+        "Text-direction classifier, prune-channels(ratio=R,reconstruct=true), 48 lines "
+        "fitted, 16 held out: model output vs each layer's own output",
+        ["ratio", "cosine removed", "cosine reconstructed", "rel_error removed",
+         "rel_error reconstructed", "layer error removed (median)",
+         "layer error reconstructed (median)", "layers reconstructed", "returned"],
+    )  # fmt: skip
+    data = []
+    for ratio in (0.05, 0.1, 0.2, 0.3):
+        spec = f"prune-channels(ratio={ratio},reconstruct=true,latency_check=false)"
+        stats = optimize(model, spec, PassContext(feeds=feeds)).records[-1].stats
+        returned = "removed only" if stats.get("recovery_dropped") else "reconstructed"
+        row = [
+            ratio, stats["cosine_before_recovery"], stats["cosine_with_recovery"],
+            stats["rel_error_before_recovery"], stats["rel_error_with_recovery"],
+            stats["layer_error_removed_median"], stats["layer_error_reconstructed_median"],
+            stats.get("reconstructed", 0), returned,
+        ]  # fmt: skip
+        table.rows.append(row)
+        data.append(dict(zip(table.columns, row, strict=True)))
+    return table, data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model (default 30)")
@@ -253,7 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", help="comma-separated labels to keep (default: all)")
     parser.add_argument("--round-to", action="store_true", help="only the round_to speed table")
     parser.add_argument("--threads", type=int, default=1, help="threads of --round-to (1)")
+    parser.add_argument("--recovery", action="store_true", help="only the recovery finding")
     args = parser.parse_args(argv)
+    if args.recovery:
+        table, data = recovery_finding()
+        print(render_markdown([table]))
+        return 0
     if args.round_to:
         table, data = round_to_speed(args.runs, args.threads)
         markdown = render_markdown([table])

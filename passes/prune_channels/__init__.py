@@ -248,6 +248,14 @@ class PruneChannels(Pass):
 
         pruned, rec = build_pruned(an, keep, calib, **recovery)
         stats.update({k: v for k, v in rec.counts.items() if v})
+        checked = [c for c in rec.checks if "reconstruct" in c.errors]
+        if checked:  # each consumer's own held-out output error, relative to its output
+            stats["layer_error_removed_median"] = float(
+                np.median([c.errors["plain"] for c in checked])
+            )
+            stats["layer_error_reconstructed_median"] = float(
+                np.median([c.errors["reconstruct"] for c in checked])
+            )
         if held is not None:
             pruned = _better_of(an, keep, pruned, held, recovering, stats, notes)
         stats.update(_removal_stats(an, keep, exact, graph, pruned))
@@ -356,6 +364,8 @@ def _better_of(
         before = held(to_model(plain), count_macs=False)
         stats["cosine_before_recovery"] = before.cosine
         stats["rel_error_before_recovery"] = before.rel_error
+        stats["cosine_with_recovery"] = after.cosine
+        stats["rel_error_with_recovery"] = after.rel_error
         if before.rel_error < after.rel_error:
             notes.append(
                 f"recovery made the held-out error worse (rel_error {before.rel_error:.4g} -> "
