@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from onnxopt import PassContext, bench, inspect, optimize
@@ -246,6 +247,70 @@ def round_to_speed(runs: int, threads: int) -> tuple[Table, list]:
 ROUND_TO = (1, 4, 8, 16)
 
 
+def target_table(runs: int, threads: int, round_to: int) -> tuple[Table, list]:
+    """The README and issue-18 cases: target or ratio, held-out metric on unseen data, speed."""
+    from onnxopt.test_models import textlines
+
+    table = Table(
+        f"prune-channels to a target, CPU provider, {threads} thread(s), {runs} interleaved "
+        "runs; metric on data the pass never saw",
+        ["model", "spec", "channels removed %", "MACs M before->after",
+         "params k before->after", "unseen metric", "p25 speed-up", "median speed-up"],
+    )  # fmt: skip
+    cls = optimize(onnx.load(fetch.fetch("ppocr_cls")), "simplify").model
+    lines = textlines.labelled_feeds(800, 1)[0]
+    unseen = textlines.labelled_feeds(400, 2)[0]
+    model = optimize(onnx.load(digits.DIGITS_CNN), "simplify").model
+    x_train, _, x_test, y_test = digits.load_digits_split()
+    half = len(y_test) // 2
+    x = np.concatenate([x_train[:512], x_test[:half]])
+    resnet = next(p for p in fetch.light_models() if p.stem == "light_resnet50")
+    resnet = optimize(seeded_weights(onnx.load(resnet)), "fold-constants").model
+    cases = [
+        ("ppocr_cls", cls, f"prune-channels(target=top1:0.99,round_to={round_to})", lines,
+         lambda m: f"agreement {agreement(cls, m, unseen):.4f} on 400 lines"),
+        ("digits CNN", model,
+         f"prune-channels(target=top1:0.995,holdout={half / len(x):.6f},round_to={round_to})",
+         x, lambda m: f"top-1 {digits.top1(m, x_test[half:], y_test[half:]):.2f}% "
+         f"(original {digits.top1(model, x_test[half:], y_test[half:]):.2f}) on {half + 1}"),
+        ("resnet50", resnet, f"prune-channels(ratio=0.3,round_to={round_to})", None,
+         lambda m: "not checked (seeded weights)"),
+    ]  # fmt: skip
+    data = []
+    for label, original, spec, x_feed, metric in cases:
+        feeds = None
+        if x_feed is not None:
+            specs = model_inputs(original)
+            feeds = ListFeeds(
+                [{specs[0].name: x_feed[i : i + 1]} for i in range(len(x_feed))], specs
+            )
+        ctx = PassContext(feeds=feeds, threads=threads)
+        result = optimize(original, spec, ctx)
+        record, pruned = result.records[-1], result.model
+        stats = record.stats
+        one = next(iter(feeds)) if feeds is not None else None
+        timing = bench([original, pruned], labels=["original", "pruned"], feeds=[one] if one
+                       else None, threads=threads, runs=runs)  # fmt: skip
+        (_, _, _, _), (_, _, r25, r50) = _ratios(timing, ["original", "pruned"])
+        row = [
+            label, spec, round(100 * stats["channels_removed"] / stats["channels_prunable"], 1),
+            f"{stats.get('macs_before', inspect(original).macs) / 1e6:.3g} -> "
+            f"{stats.get('macs_after', inspect(pruned).macs) / 1e6:.3g}",
+            f"{stats['parameters_before'] / 1e3:.4g} -> {stats['parameters_after'] / 1e3:.4g}",
+            metric(pruned), f"{r25:.2f}x", f"{r50:.2f}x",
+        ]  # fmt: skip
+        table.rows.append(row)
+        data.append(dict(zip(table.columns, row, strict=True)))
+        print(render_markdown([table]), file=sys.stderr)
+    return table, data
+
+
+def agreement(a: onnx.ModelProto, b: onnx.ModelProto, x: np.ndarray) -> float:
+    from onnxopt.test_models import textlines
+
+    return float((textlines.predict(a, x) == textlines.predict(b, x)).mean())
+
+
 def recovery_finding() -> tuple[Table, list]:
     """Why reconstruction made the text-direction classifier worse (issue 18).
 
@@ -289,7 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-to", action="store_true", help="only the round_to speed table")
     parser.add_argument("--threads", type=int, default=1, help="threads of --round-to (1)")
     parser.add_argument("--recovery", action="store_true", help="only the recovery finding")
+    parser.add_argument("--targets", action="store_true", help="only the target table")
+    parser.add_argument("--round", type=int, default=8, help="round_to of --targets (8)")
     args = parser.parse_args(argv)
+    if args.targets:
+        table, data = target_table(args.runs, args.threads, args.round)
+        markdown = render_markdown([table])
+        print(markdown)
+        RESULTS.mkdir(exist_ok=True)
+        write_text(RESULTS / "prune_targets.md", markdown)
+        write_json(RESULTS / "prune_targets.json", {"runs": args.runs, "rows": data})
+        return 0
     if args.recovery:
         table, data = recovery_finding()
         print(render_markdown([table]))

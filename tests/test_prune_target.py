@@ -36,7 +36,9 @@ def digits_case():
 
 def test_a_top1_budget_on_the_digits_cnn_gives_1_5x_fewer_macs(digits_case):
     model, feeds, holdout, (x_unseen, y_unseen) = digits_case
-    spec = f"prune-channels(target=top1:0.995,holdout={holdout:.6f})"
+    # round_to=1: the digits CNN's layers are 16-128 channels, far from ORT's blocks, and
+    # steps of 8 are coarse there (with them, 1.1 points lost on the unseen half).
+    spec = f"prune-channels(target=top1:0.995,holdout={holdout:.6f},round_to=1)"
     result = optimize(model, spec, PassContext(feeds=feeds, threads=1), strict=True)
     stats = result.records[-1].stats
     assert stats["target_met"] == 1 and stats["target_value"] >= 0.995
@@ -78,7 +80,7 @@ def test_a_callable_target_sees_the_held_out_outputs(digits_case):
 
 def test_without_data_a_target_prunes_by_magnitude_and_says_so():
     model = optimize(builders.cnn(), "fold-constants").model
-    result = optimize(model, "prune-channels(target=cosine:0.99)", strict=True)
+    result = optimize(model, "prune-channels(target=cosine:0.99,round_to=1)", strict=True)
     stats = result.records[-1].stats
     assert stats["classes_removed"] > 0 and "target_met" not in stats
     assert any("accuracy was not checked" in n for n in result.records[-1].notes)

@@ -112,6 +112,16 @@ class PruneChannels(Pass):
     and `reconstruct` refits the consumers' kept weights by ridge least squares; the
     output error before and after recovery is reported. `greedy_metric` (cosine:0.99,
     rel_error:0.05) accepts the planned removals group by group while the budget holds.
+    `target` (quantize's syntax: cosine:X, rel_error:X, top1:X, or a callable) searches
+    the largest pruning that meets it (rules in `search`), `ratio` then being the most
+    any group may lose; without data it prunes by magnitude and says accuracy was not
+    checked. Data is split: the last `holdout` share is never fitted; the target, the
+    reported errors and the recovery checks use it. Each consumer keeps the recovery
+    (none, bias compensation, reconstruction) with the smallest held-out error of its
+    own output, and the whole model keeps recovery only if it lowers the held-out
+    output error. `round_to` defaults to 8 (the AVX2 block of ORT's convolutions); a
+    group that loses only exact classes is not rounded. With `latency_check` the
+    notes say when the result is not measurably faster than its input.
     Leaves alone: groups that reach a graph output, meet an op without a channel rule
     (LRN, attention-head reshapes, custom ops...), or need a shape or constant that
     cannot be proven (run fold-constants first); `inspect --prune-groups` lists why.
@@ -123,7 +133,7 @@ class PruneChannels(Pass):
     threshold: float = 0.0
     norm: Literal["l1", "l2"] = "l2"
     aggregate: Literal["sum", "mean", "max", "none"] = "sum"
-    round_to: int = 1
+    round_to: int = 8
     min_channels: int = 1
     protect: list[str] = []  # read only, never mutated
     exact: bool = True

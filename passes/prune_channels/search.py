@@ -65,8 +65,11 @@ def levels(group: ChannelGroup, n_exact: int, ceiling: float, round_to: int, min
     out: list[int] = []
     ratios = [k * LEVEL_STEP for k in range(int(math.floor(ceiling / LEVEL_STEP + 1e-9)) + 1)]
     for ratio in [*ratios, ceiling]:
-        wanted = max(int(ratio * group.size + 1e-9), n_exact)
-        removed = rounded_target(group.size, wanted, round_to, min_keep)
+        wanted = int(ratio * group.size + 1e-9)
+        if wanted <= n_exact:  # only exact removals: never rounded
+            removed = min(n_exact, group.size - min_keep)
+        else:
+            removed = rounded_target(group.size, wanted, round_to, min_keep)
         if not out or removed > out[-1]:
             out.append(removed)
     return out
