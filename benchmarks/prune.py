@@ -247,7 +247,7 @@ def round_to_speed(runs: int, threads: int) -> tuple[Table, list]:
 ROUND_TO = (1, 4, 8, 16)
 
 
-def target_table(runs: int, threads: int, round_to: int) -> tuple[Table, list]:
+def target_table(runs: int, threads: int) -> tuple[Table, list]:
     """The README and issue-18 cases: target or ratio, held-out metric on unseen data, speed."""
     from onnxopt.test_models import textlines
 
@@ -258,7 +258,7 @@ def target_table(runs: int, threads: int, round_to: int) -> tuple[Table, list]:
          "params k before->after", "unseen metric", "p25 speed-up", "median speed-up"],
     )  # fmt: skip
     cls = optimize(onnx.load(fetch.fetch("ppocr_cls")), "simplify").model
-    lines = textlines.labelled_feeds(800, 1)[0]
+    lines = textlines.labelled_feeds(400, 1)[0]
     unseen = textlines.labelled_feeds(400, 2)[0]
     model = optimize(onnx.load(digits.DIGITS_CNN), "simplify").model
     x_train, _, x_test, y_test = digits.load_digits_split()
@@ -267,13 +267,13 @@ def target_table(runs: int, threads: int, round_to: int) -> tuple[Table, list]:
     resnet = next(p for p in fetch.light_models() if p.stem == "light_resnet50")
     resnet = optimize(seeded_weights(onnx.load(resnet)), "fold-constants").model
     cases = [
-        ("ppocr_cls", cls, f"prune-channels(target=top1:0.99,round_to={round_to})", lines,
+        ("ppocr_cls", cls, "prune-channels(target=top1:0.995,holdout=0.5)", lines,
          lambda m: f"agreement {agreement(cls, m, unseen):.4f} on 400 lines"),
         ("digits CNN", model,
-         f"prune-channels(target=top1:0.995,holdout={half / len(x):.6f},round_to={round_to})",
+         f"prune-channels(target=top1:0.995,holdout={half / len(x):.6f},round_to=1)",
          x, lambda m: f"top-1 {digits.top1(m, x_test[half:], y_test[half:]):.2f}% "
          f"(original {digits.top1(model, x_test[half:], y_test[half:]):.2f}) on {half + 1}"),
-        ("resnet50", resnet, f"prune-channels(ratio=0.3,round_to={round_to})", None,
+        ("resnet50", resnet, "prune-channels(ratio=0.3)", None,
          lambda m: "not checked (seeded weights)"),
     ]  # fmt: skip
     data = []
@@ -355,10 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads of --round-to (1)")
     parser.add_argument("--recovery", action="store_true", help="only the recovery finding")
     parser.add_argument("--targets", action="store_true", help="only the target table")
-    parser.add_argument("--round", type=int, default=8, help="round_to of --targets (8)")
     args = parser.parse_args(argv)
     if args.targets:
-        table, data = target_table(args.runs, args.threads, args.round)
+        table, data = target_table(args.runs, args.threads)
         markdown = render_markdown([table])
         print(markdown)
         RESULTS.mkdir(exist_ok=True)
