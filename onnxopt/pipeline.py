@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 
 from . import graph as G
-from .errors import ModelError, OnnxoptError, PassError, RuntimeLoadError
+from .errors import ModelError, OnnxoptError, OutputError, PassError, RuntimeLoadError
 from .model import check_file, check_model, load_model, save_model, tensor_bytes
 from .pass_api import Group, Pass, PassContext, Step, parse_spec
 from .runtime import DISK_SESSION_BYTES, create_session
@@ -81,6 +81,38 @@ def verify_loadable(model: onnx.ModelProto, *, ort: bool = True) -> None:
             create_session(path, providers=["cpu"], optimization="disable")
 
 
+# Domains whose ops ORT implements itself; an op of any other domain needs a library.
+ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+
+def _custom_domains(model: onnx.ModelProto) -> set[str]:
+    nodes = _all_nodes(model.graph) + [n for f in model.functions for n in f.node]
+    # A call of a model-local function is expanded by ORT: its domain needs no library.
+    return {n.domain for n in nodes} - ORT_DOMAINS - {f.domain for f in model.functions}
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                nodes += _all_nodes(sub)
+    return nodes
+
+
+def check_input_loads(model: onnx.ModelProto) -> None:
+    """Refuse an input ORT cannot load, unless an op of a custom domain explains it.
+
+    The onnx checker accepts some models no runtime runs (Relu of opset 1, whose
+    kernel ORT dropped): optimizing them would write a model nothing can load.
+    A custom-domain op (its library is not loaded here) is the user's business.
+    """
+    refused = _ort_refuses(model)
+    if refused is not None and not _custom_domains(model):
+        raise ModelError(f"the input model does not load in ONNX Runtime ({refused}): re-export it")
+
+
 def _ort_refuses(model: onnx.ModelProto) -> str | None:
     """Why ORT cannot load `model` (its one-line error), or None when it can."""
     try:
@@ -102,6 +134,8 @@ class Pipeline:
     def run(self, model: Any, ctx: PassContext | None = None) -> PipelineResult:
         ctx = ctx or PassContext()
         current = load_model(model)
+        if self.check:
+            check_input_loads(current)
         # Cleared when ORT cannot load a pass's input: it cannot judge that pass's output.
         self._ort_checks = True
         start = time.perf_counter()
@@ -191,7 +225,7 @@ class Pipeline:
                     ctx.logger.warning("pass %s: %s", step.name, note)
                     result.notes.append(note)
         except OnnxoptError as exc:
-            if not isinstance(exc, ModelError):
+            if not isinstance(exc, ModelError) or isinstance(exc, OutputError):
                 raise
             error = str(exc)
         except Exception as exc:  # a pass bug must not cost the user their model
