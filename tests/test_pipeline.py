@@ -9,7 +9,15 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnxopt import PassContext, PassError, PassResult, Pipeline, optimize, register_pass
+from onnxopt import (
+    ModelError,
+    PassContext,
+    PassError,
+    PassResult,
+    Pipeline,
+    optimize,
+    register_pass,
+)
 from onnxopt.graph import bypass, tidy
 from onnxopt.pass_api import unregister_pass
 
@@ -173,3 +181,20 @@ def test_a_model_ort_cannot_load_is_checked_with_the_onnx_checker_only(test_pass
     assert "ghost" in (broken.error or "")  # the checker still refuses a broken graph
     assert result.nodes_after == 2
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_an_input_ort_refuses_without_a_custom_op_is_refused_before_any_pass() -> None:
+    # Relu of opset 1 passes the full onnx checker; ORT has no kernel for it, so
+    # "optimizing" it would write a model nothing can load.
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "old",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 1)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    ran: list[str] = []
+    with pytest.raises(ModelError, match=r"does not load in ONNX Runtime \(.*Relu\(1\)") as caught:
+        optimize(model, "simplify", PassContext(progress=lambda *a: ran.append(a[0])))
+    assert "\n" not in str(caught.value) and ran == []
