@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -230,17 +229,3 @@ def test_stale_cleanup_never_touches_other_names(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
     remove_stale(tmp_path)
     assert len(list(tmp_path.iterdir())) == 3
-
-
-def test_main_script_is_importable_without_side_effects() -> None:
-    code = textwrap.dedent(
-        """
-        import sys
-        import onnxopt
-        assert "onnx" not in sys.modules and "onnxruntime" not in sys.modules
-        assert callable(onnxopt.verify) and callable(onnxopt.bench)
-        import onnxopt.verify
-        assert callable(onnxopt.verify), "the function, not the submodule"
-        """
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
