@@ -157,3 +157,21 @@ def test_function_tensors_are_loaded_and_refused_outside_the_folder(tmp_path: Pa
     (tmp_path / "out" / "c.bin").write_bytes(b"\0" * 1200)
     with pytest.raises(ModelError, match="'c' points to external data '../c.bin' outside"):
         load_model(function_model(outside, "../c.bin"))
+
+
+def test_verify_reads_sparse_external_values_from_the_models_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxopt.verify import verify
+
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    src.mkdir()
+    elsewhere.mkdir()
+    dense = sparse_model()
+    onnx.save(dense, src / "inline.onnx")
+    externalize(dense.graph.sparse_initializer[0].values, src, "w.bin")
+    onnx.save(dense, src / "ext.onnx")
+    (elsewhere / "w.bin").write_bytes(np.zeros(4, np.float32).tobytes())  # a decoy in cwd
+    monkeypatch.chdir(elsewhere)
+    result = verify(src / "ext.onnx", src / "inline.onnx", samples=2, rtol=0, atol=0)
+    assert result.passed
