@@ -17,13 +17,14 @@ import onnx_graphsurgeon as gs
 from onnxopt.errors import ModelError, PassError
 from onnxopt.graph import upgraded
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
+from onnxopt.runtime import int8_pair_sums_saturate
 
 from .dynamic import run_dynamic
 from .int4 import run_int4
 from .mixed import Target, parse_target
 from .placement import ABSORBED, DEFAULT_OPS, OPT_IN_OPS
 from .precision import Overrides
-from .qdq import QTYPES
+from .qdq import INT8, INT8_REDUCED, QTYPES, QType
 from .static import StaticConfig, run_static, trim_memory
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute
@@ -65,6 +66,11 @@ class Quantize(Pass):
       (the digits transformer's 8x48 embedding and 48x10 head: batch 1 went from
       1.29-1.31x to 1.35-1.37x fp32). `min_weights=0` quantizes them all.
     - Nodes already next to Q/DQ are left alone.
+    - `reduce_range` stores int8 weights in 7 bits ([-63, 63]). ORT's x86 kernels
+      without VNNI add two uint8 x int8 products into a saturating int16, which 8-bit
+      weights overflow (wrong outputs, not just lost precision). By default (unset)
+      weights get 7 bits when the machine that quantizes lacks VNNI, and the notes say
+      so: set it to false for a model that will run on a VNNI machine only.
     The opset is raised to 13 for per-channel weights (21 for int16 and int4; with a
     target, only if int16 nodes are kept), and the notes say so. Ranges come from
     `calibrate`: minmax, percentile, entropy or mse; `cache` names a JSON file that
@@ -127,6 +133,7 @@ class Quantize(Pass):
     max_moves: int = 0
     bias_correction: bool = False
     min_weights: int = 1024
+    reduce_range: bool | None = None
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         target_spec = self._check_options()
@@ -157,10 +164,13 @@ class Quantize(Pass):
                         "weights are quantized per tensor"
                     )
         work = replaced or graph
+        weight_type = self._weight_type(notes) if self.weights == "int8" else INT8
         if self.weights == "int4":
             changed = run_int4(work, self.block_size, self._ops(), self.exclude_nodes, stats, notes)
         elif self.mode == "dynamic":
-            changed = run_dynamic(work, per_channel, self._ops(), self.exclude_nodes, stats, notes)
+            changed = run_dynamic(
+                work, per_channel, self._ops(), self.exclude_nodes, stats, notes, weight_type
+            )
         else:
             config = StaticConfig(
                 ops=self._ops(),
@@ -187,6 +197,7 @@ class Quantize(Pass):
                 max_moves=self.max_moves,
                 bias_correction=self.bias_correction,
                 min_weights=self.min_weights,
+                weight_type=weight_type,
                 stats=stats,
                 notes=notes,
             )
@@ -241,6 +252,18 @@ class Quantize(Pass):
                     f"{', '.join(sorted(DEFAULT_OPS | OPT_IN_OPS))}"
                 )
         return parse_target(self.target) if self.target is not None else None
+
+    def _weight_type(self, notes: list[str]) -> QType:
+        """int8 weights in 8 bits, or in 7 where ORT's integer kernels would saturate."""
+        if self.reduce_range is not None:
+            return INT8_REDUCED if self.reduce_range else INT8
+        if not int8_pair_sums_saturate():
+            return INT8
+        notes.append(
+            "int8 weights in 7 bits: this CPU has no VNNI, and ORT's integer kernels "
+            "saturate with 8-bit weights there (reduce_range=false for a VNNI machine)"
+        )
+        return INT8_REDUCED
 
     def _ops(self) -> set[str]:
         ops = set(self.include_ops) if self.include_ops else set(DEFAULT_OPS)
