@@ -184,3 +184,29 @@ def test_cli_without_data_fails_in_one_line_and_writes_nothing(tmp_path: Path) -
     assert "quantize needs calibration data: pass --data" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("opset", [17, 9])
+def test_dynamic_mode_on_a_conv_model_reports_nothing_quantized(opset) -> None:
+    # Dynamic mode covers MatMul/Gemm only. At opset 9 the upgrade to 11 that it needs
+    # must not count as a change either.
+    w = np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Conv", ["x", "w"], ["c"], "conv"),
+            onnx.helper.make_node("Relu", ["c"], ["y"], "relu"),
+        ],
+        "convs",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 6, 6])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    before = model.SerializeToString()
+    result = optimize(model, "quantize(mode=dynamic)", PassContext(), strict=True)
+    record = result.records[0]
+    assert record.status == "unchanged"
+    assert any(n.startswith("nothing was quantized") for n in record.notes)
+    assert any("1 convolution(s) in float" in n for n in record.notes)
+    assert record.stats["dynamic_matmuls"] == 0
+    assert result.model.SerializeToString() == before
