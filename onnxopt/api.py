@@ -19,6 +19,7 @@ from .pass_api import (
     available_passes,
     check_pass_paths,
     describe_pass,
+    get_pass,
 )
 from .pipeline import DEFAULT_PIPELINE, PipelineResult, optimize
 from .summary import ModelSummary, summarize
@@ -111,6 +112,11 @@ def inspect(model: Any, shapes: dict[str, tuple[int, ...]] | None = None) -> Mod
     """Ops, parameters, MACs, size, opset, inputs and outputs of a model."""
     loaded = model if isinstance(model, onnx.ModelProto) else load_model(model)
     return summarize(loaded, shapes)
+
+
+def describe(name: str) -> dict[str, Any]:
+    """One pass in full: its summary, its docstring (the rules) and each option's help."""
+    return describe_pass(get_pass(name))
 
 
 def list_passes() -> list[dict[str, Any]]:
