@@ -17,11 +17,10 @@ from .pass_api import (
     PassContext,
     available_groups,
     available_passes,
-    check_pass_paths,
     describe_pass,
     get_pass,
 )
-from .pipeline import DEFAULT_PIPELINE, PipelineResult, optimize
+from .pipeline import DEFAULT_PIPELINE, PipelineResult, check_pass_paths, optimize
 from .summary import ModelSummary, summarize
 from .verify import VerifyResult, verify
 

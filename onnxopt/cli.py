@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
-import math
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,11 +18,10 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import api
-from .data import Feed, FeedSource, parse_shape, parse_shapes
+from . import api, args_checks
+from .data import Feed, FeedSource, parse_shapes
 from .errors import FeedError, OnnxoptError, VerificationFailed
-from .files import check_outputs, expand_reads, output_file, write_error
-from .model import model_files
+from .files import output_file, write_error
 from .report import (
     Table,
     bench_tables,
@@ -44,55 +42,6 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"onnxopt: error: {message} (see '{self.prog} --help')\n")
-
-
-def _count(minimum: int) -> Any:
-    """An argparse type: an integer of at least `minimum`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _channels(text: str) -> str:
-    """An argparse type: three numbers (one per RGB channel), or one for all three."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected numbers such as 0.5,0.5,0.5, got '{text}'"
-        ) from None
-    if len(values) not in (1, 3):
-        raise argparse.ArgumentTypeError(
-            f"expected 3 numbers (one per RGB channel) or 1 for all, got {len(values)}"
-        )
-    if not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected finite numbers, got '{text}'")
-    return ",".join(str(v) for v in (values * 3 if len(values) == 1 else values))
-
-
-# Dims must fit the int64 of ONNX and numpy, and so must their product.
-_MAX_DIM = 2**63 - 1
-
-
-def _shape(text: str) -> str:
-    """An argparse type: NAME=DIMS as data.parse_shape reads it, with dims that fit int64."""
-    try:
-        _, dims = parse_shape(text)
-    except FeedError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if any(d < 1 or d > _MAX_DIM for d in dims) or math.prod(dims) > _MAX_DIM:
-        raise argparse.ArgumentTypeError(
-            f"'{text}': each dim must be a positive integer and their product below 2**63"
-        )
-    return text
 
 
 def _progress() -> Progress:
@@ -139,13 +88,13 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
         parser.add_argument("--data", help=".npz file, folder of .npz files, or image folder")
         parser.add_argument(
             "--image-mean",
-            type=_channels,
+            type=args_checks.channels,
             default="0,0,0",
             help="image folders: per-channel mean after scaling (default 0,0,0)",
         )
         parser.add_argument(
             "--image-std",
-            type=_channels,
+            type=args_checks.channels,
             default="1,1,1",
             help="image folders: per-channel std after scaling (default 1,1,1)",
         )
@@ -158,14 +107,14 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
         parser.add_argument("--image-layout", choices=["NCHW", "NHWC"], default="NCHW")
         parser.add_argument(
             "--samples",
-            type=_count(1),
+            type=args_checks.count(1),
             default=8,
             help="random feeds to generate when --data is not given (default 8)",
         )
     parser.add_argument(
         "--shape",
         action="append",
-        type=_shape,
+        type=args_checks.shape,
         metavar="NAME=DIMS",
         help="bind an input's dynamic dims, e.g. x=1x3x640x640 (repeatable)",
     )
@@ -175,7 +124,7 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
         help="execution providers in priority order: cpu,cuda,tensorrt,...",
     )
     parser.add_argument(
-        "--threads", type=_count(1), help="intra-op threads (default: ORT's choice)"
+        "--threads", type=args_checks.count(1), help="intra-op threads (default: ORT's choice)"
     )
     parser.add_argument("--seed", type=int, default=0)
 
@@ -224,15 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency of models on execution providers, interleaved")
     p.add_argument("models", nargs="+")
-    p.add_argument("--runs", type=_count(1), default=100)
-    p.add_argument("--warmup", type=_count(0), default=10)
+    p.add_argument("--runs", type=args_checks.count(1), default=100)
+    p.add_argument("--warmup", type=args_checks.count(0), default=10)
     p.add_argument("--json", help="write the timings as JSON")
     p.add_argument("--markdown", help="write the table as Markdown")
     _common(p)
 
     p = sub.add_parser("inspect", help="ops, parameters, MACs, size, opset, inputs and outputs")
     p.add_argument("model")
-    p.add_argument("--shape", action="append", type=_shape, metavar="NAME=DIMS")
+    p.add_argument("--shape", action="append", type=args_checks.shape, metavar="NAME=DIMS")
     p.add_argument(
         "--prune-groups",
         action="store_true",
@@ -246,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="optimize, verify and bench an embedded model")
     p.add_argument("--out-dir", help="keep the demo models here (default: a temporary folder)")
-    p.add_argument("--runs", type=_count(1), default=50)
+    p.add_argument("--runs", type=args_checks.count(1), default=50)
     return parser
 
 
@@ -268,24 +217,6 @@ def _feeds(args: argparse.Namespace, model: Any) -> FeedSource | None:
 def _show(tables: Sequence[Table], quiet: bool) -> None:
     if not quiet:
         render_terminal(tables, console)
-
-
-def _reads(models: Sequence[str], data: str | None = None) -> list[Path]:
-    """The files a command reads: each model, its external data, and the --data files."""
-    files: list[Path] = []
-    for model in models:
-        try:
-            files += model_files(model)
-        except (OSError, OnnxoptError):
-            files.append(Path(model))  # loading it will say what is wrong
-    return files + expand_reads([data] if data else [])
-
-
-def _check_reports(args: argparse.Namespace, models: Sequence[str]) -> None:
-    """Before any work: every report path can be written and is no file the command reads."""
-    outputs = {f"--{k}": getattr(args, k, None) for k in ("json", "markdown", "html")}
-    if any(outputs.values()):
-        check_outputs(outputs, _reads(models, getattr(args, "data", None)))
 
 
 def _optimize(args: argparse.Namespace) -> int:
@@ -330,7 +261,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    _check_reports(args, [args.reference, args.candidate])
+    args_checks.check_reports(args, [args.reference, args.candidate])
     shapes = parse_shapes(args.shape)
     reference = api.load_model(args.reference)
     api.load_model(args.candidate)
@@ -366,7 +297,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from .analyze import analyze
 
-    _check_reports(args, [args.reference, args.quantized])
+    args_checks.check_reports(args, [args.reference, args.quantized])
     with _progress() as progress:
         progress.add_task("analyzing", total=None)
         result = analyze(
@@ -391,7 +322,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    _check_reports(args, args.models)
+    args_checks.check_reports(args, args.models)
     shapes = parse_shapes(args.shape)
     providers = [p for p in args.providers.split(",") if p]
     with _progress() as progress:
@@ -417,7 +348,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    _check_reports(args, [args.model])
+    args_checks.check_reports(args, [args.model])
     shapes = parse_shapes(args.shape)
     model = api.load_model(args.model)
     summary = api.inspect(model, shapes)
@@ -445,7 +376,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _passes(args: argparse.Namespace) -> int:
-    _check_reports(args, [])
+    args_checks.check_reports(args, [])
     listing = api.list_passes()
     if args.name:
         item = api.describe(args.name)

@@ -21,7 +21,6 @@ import difflib
 import importlib
 import inspect
 import logging
-import os
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -32,8 +31,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import onnx_graphsurgeon as gs
 
-from .errors import OnnxoptError, OutputError, PassError
-from .files import same_file
+from .errors import OnnxoptError, PassError
 
 ENTRY_POINT_GROUP = "onnxopt.passes"
 MAX_REPEAT = 10
@@ -185,29 +183,6 @@ Step = Pass | Group
 _REGISTRY: dict[str, type[Pass]] = {}
 _ALIASES: dict[str, tuple[str, str]] = {}
 _discovered = False
-
-
-def check_pass_paths(steps: Sequence[Step], reads: Sequence[Path]) -> None:
-    """Refuse a pass option that names a file the run reads (the model, its external data,
-    the feeds), before any pass runs.
-
-    A pass receives the model and the feeds through its graph and context, never
-    by path: an option naming one of those files is a mistake that would let the
-    pass overwrite it (quantize's `cache=model.onnx`).
-    """
-    for step in steps:
-        if isinstance(step, Group):
-            check_pass_paths(step.steps, reads)
-            continue
-        for option, value in step.option_values().items():
-            if not isinstance(value, str | os.PathLike) or not str(value):
-                continue
-            for source in reads:
-                if same_file(value, source):
-                    raise OutputError(
-                        f"pass '{step.name}' option {option}={value} names {source}, a file "
-                        "this run reads: choose another path, inputs are never overwritten"
-                    )
 
 
 def register_pass(target: Any = None, *, name: str | None = None, replace: bool = False) -> Any:

@@ -8,6 +8,7 @@ the pipeline stops with a PassError instead.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import onnx
 
 from . import graph as G
 from .errors import ModelError, OnnxoptError, OutputError, PassError, RuntimeLoadError
+from .files import same_file
 from .model import check_file, check_model, load_model, save_model, tensor_bytes
 from .pass_api import Group, Pass, PassContext, Step, parse_spec
 from .runtime import DISK_SESSION_BYTES, create_session
@@ -263,6 +265,29 @@ class Pipeline:
             )
         )
         return candidate, result.changed
+
+
+def check_pass_paths(steps: Sequence[Step], reads: Sequence[Path]) -> None:
+    """Refuse a pass option that names a file the run reads (the model, its external data,
+    the feeds), before any pass runs.
+
+    A pass receives the model and the feeds through its graph and context, never
+    by path: an option naming one of those files is a mistake that would let the
+    pass overwrite it (quantize's `cache=model.onnx`).
+    """
+    for step in steps:
+        if isinstance(step, Group):
+            check_pass_paths(step.steps, reads)
+            continue
+        for option, value in step.option_values().items():
+            if not isinstance(value, str | os.PathLike) or not str(value):
+                continue
+            for source in reads:
+                if same_file(value, source):
+                    raise OutputError(
+                        f"pass '{step.name}' option {option}={value} names {source}, a file "
+                        "this run reads: choose another path, inputs are never overwritten"
+                    )
 
 
 def optimize(
