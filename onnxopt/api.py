@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx
 
 from .bench import BenchResult, bench
 from .data import FeedSource, check_shapes, load_feeds, model_inputs
+from .errors import OnnxoptError
 from .files import check_outputs, expand_reads, protected
 from .model import check_output_path, load_model, model_files, save_model
 from .pass_api import (
@@ -66,15 +68,18 @@ def optimize_file(
     quantize's `cache`, or the `reports` the caller will write afterwards) may be
     a file the run reads: the model, its external data or the `data` files.
     """
-    model = load_model(model_path)
-    reads = [*model_files(model_path)]
+    try:
+        reads = model_files(model_path)
+    except (OSError, OnnxoptError):
+        reads = [Path(model_path)]  # load_model says what is wrong with it
     if data is not None and not isinstance(data, FeedSource):
         reads += expand_reads([data])
     with protected(reads):
-        target = check_output_path(output_path, model_path)
+        target = check_output_path(output_path, model_path, reads=reads)
         if not isinstance(reports, Mapping):
             reports = {f"report {path}": path for path in reports}
         check_outputs({"output": target, **reports}, reads)
+    model = load_model(model_path)
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
     from .pass_api import parse_spec

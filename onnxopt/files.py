@@ -9,9 +9,11 @@ Rules, each for a reason:
 - Before the first pass, each output's folder is proven writable by creating and
   removing a probe file there, and the name is checked against the folder's
   name-length limit: a bad path costs no time and nothing is written.
-- Writes go into a fresh temporary folder `.onnxopt-<pid>-XXXX` inside the target
-  folder and are renamed into place. The pid in the name lets the next write into
-  that folder remove what a killed process (SIGKILL, power loss) left behind.
+- Writes go into a fresh temporary folder `.onnxopt-<pid>-<host>-XXXX` inside the
+  target folder and are renamed into place. The pid in the name lets the next write
+  into that folder remove what a killed process (SIGKILL, power loss) left behind;
+  the host tag (a hash of the host name) keeps a writer on another machine or in
+  another container sharing the folder, whose pid means nothing here, safe.
 - While a run is in progress, `protected(paths)` makes every writer of the core
   refuse the files it reads, including writers deep inside a pass (a calibration
   cache) that never see the run's arguments.
@@ -21,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -33,7 +37,8 @@ from pathlib import Path
 from .errors import OutputError
 
 TEMP_PREFIX = ".onnxopt-"
-_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-[A-Za-z0-9_]+$")
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-([0-9a-f]{8})-[A-Za-z0-9_]+$")
 # Longest suffix the writer appends to an output's name (".<8 hex>.data").
 NAME_MARGIN = 16
 
@@ -193,15 +198,15 @@ def remove_stale(folder: Path) -> None:
         if match is None or not entry.is_dir(follow_symlinks=False):
             continue
         pid = int(match.group(1))
-        if pid != os.getpid() and not _alive(pid):
+        if match.group(2) == HOST_TAG and pid != os.getpid() and not _alive(pid):
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def temp_folder(folder: Path) -> Iterator[Path]:
-    """A fresh `.onnxopt-<pid>-XXXX` folder inside `folder`, removed on the way out."""
+    """A fresh `.onnxopt-<pid>-<host>-XXXX` folder inside `folder`, removed on the way out."""
     remove_stale(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{HOST_TAG}-", dir=folder))
     try:
         yield tmp
     finally:

@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -383,6 +383,7 @@ def check_output_path(
     input_path: str | os.PathLike | None = None,
     *,
     probe: bool = True,
+    reads: Sequence[Path] | None = None,
 ) -> Path:
     """Where the model goes; refuse a path that cannot be written or that names an input.
 
@@ -390,15 +391,16 @@ def check_output_path(
     `<folder>/<input file name>`. Refused: the input model or one of its
     external-data files, any file the current run reads (`files.protected`), a
     non-regular file (device, FIFO), a missing folder, a name too long, and (with
-    `probe`) a folder where no file can be created.
+    `probe`) a folder where no file can be created. `reads`: the input's files
+    when the caller already knows them (saves parsing the input once more).
     """
     default = Path(input_path).name if input_path is not None else None
     target = output_file(path, default_name=default)
-    reads: list[Path] = []
-    if input_path is not None:
-        reads.append(Path(input_path))
-        with contextlib.suppress(OSError, ModelError):
-            reads = model_files(input_path)
+    if reads is None:
+        reads = [Path(input_path)] if input_path is not None else []
+        if input_path is not None:
+            with contextlib.suppress(OSError, ModelError):
+                reads = model_files(input_path)
     try:
         check_not_read(target, "output", reads)
     except ModelError:

@@ -17,7 +17,7 @@ import pytest
 from onnxopt.api import optimize_file
 from onnxopt.calibration import calibrate
 from onnxopt.errors import OutputError
-from onnxopt.files import TEMP_PREFIX, check_outputs, protected, remove_stale
+from onnxopt.files import HOST_TAG, TEMP_PREFIX, check_outputs, protected, remove_stale
 from onnxopt.model import save_model
 from onnxopt.test_models import builders
 
@@ -214,18 +214,25 @@ def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write(
     process.kill()
     process.communicate(timeout=60)
     (stale,) = out.iterdir()
-    assert stale.name.startswith(f"{TEMP_PREFIX}{process.pid}-")
-    mine = out / f"{TEMP_PREFIX}{os.getpid()}-live"  # a live process's folder stays
-    mine.mkdir()
+    assert stale.name.startswith(f"{TEMP_PREFIX}{process.pid}-{HOST_TAG}-")
+    kept = [
+        f"{TEMP_PREFIX}{os.getpid()}-{HOST_TAG}-live",  # a live process's folder
+        f"{TEMP_PREFIX}{process.pid}-0badc0de-x",  # a dead pid, but of another host
+    ]
+    for name in kept:
+        (out / name).mkdir()
     save_model(onnx.load(cnn), out / "next.onnx")
-    assert sorted(p.name for p in out.iterdir()) == [mine.name, "next.onnx"]
-    mine.rmdir()
-    remove_stale(out)
-    assert [p.name for p in out.iterdir()] == ["next.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*kept, "next.onnx"])
 
 
-def test_stale_cleanup_never_touches_other_names(tmp_path: Path) -> None:
-    for name in (".onnxopt-notapid", "onnxopt-1-x", ".onnxopt-1-x.txt"):
+def test_stale_cleanup_removes_only_our_folders_of_dead_processes(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tag = f"{dead.pid}-{HOST_TAG}"
+    (tmp_path / f".onnxopt-{tag}-file").write_text("a file, not our folder")
+    for name in (".onnxopt-notapid", f"onnxopt-{tag}-x", f".onnxopt-{tag}-x"):
         (tmp_path / name).mkdir()
     remove_stale(tmp_path)
-    assert len(list(tmp_path.iterdir())) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".onnxopt-notapid", f"onnxopt-{tag}-x", f".onnxopt-{tag}-file"]
+    )
