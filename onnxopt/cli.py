@@ -441,12 +441,12 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (main() called from a worker): leave it be
         previous = None
     try:
+        args = build_parser().parse_args(argv)
         api.quiet_libraries()
         if args.quiet:
             logging.getLogger("onnxopt").setLevel(logging.ERROR)

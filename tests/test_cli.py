@@ -226,6 +226,21 @@ def _invalid_model(folder: Path) -> list[str]:
     return ["optimize", folder / "bad.onnx", "-o", folder / "o.onnx"]
 
 
+def _opset_1(folder: Path) -> list[str]:
+    # Valid for the onnx checker; ORT has no kernel for Relu-1.
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        "old",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    opsets = [onnx.helper.make_opsetid("", 1)]
+    onnx.save(
+        onnx.helper.make_model(graph, opset_imports=opsets, ir_version=8), folder / "old.onnx"
+    )
+    return ["optimize", folder / "old.onnx", "-o", folder / "o.onnx"]
+
+
 def _offset_past_the_end(folder: Path) -> list[str]:
     path = external_model(folder, "weights.bin")
     stored = onnx.load(path, load_external_data=False)
@@ -269,6 +284,7 @@ BAD_INPUTS = {
     "--json in a missing folder": (_json_in_a_missing_folder, r"--json folder nodir does not"),
     "--json a folder": (_json_is_a_folder, r"--json .*reports is a folder"),
     "invalid model": (_invalid_model, r"not a valid ONNX model .*Invalid attribute perm"),
+    "opset 1 that ORT cannot load": (_opset_1, r"does not load in ONNX Runtime .*Relu\(1\)"),
     "external offset past the end": (_offset_past_the_end, r"reads bytes 1000000000\.\."),
     "--image-mean of 2 values": (
         _option("verify", "--image-mean", "0.5,0.5"),
