@@ -20,8 +20,8 @@ import onnx
 
 from . import graph as G
 from .errors import ModelError, OnnxoptError, OutputError, PassError, RuntimeLoadError
-from .files import same_file
-from .model import check_file, check_model, load_model, save_model, tensor_bytes
+from .files import protected, same_file
+from .model import check_file, check_model, load_model, model_files, save_model, tensor_bytes
 from .pass_api import Group, Pass, PassContext, Step, parse_spec
 from .runtime import DISK_SESSION_BYTES, create_session
 
@@ -136,6 +136,9 @@ class Pipeline:
     def run(self, model: Any, ctx: PassContext | None = None) -> PipelineResult:
         ctx = ctx or PassContext()
         current = load_model(model)
+        # A model given by path: no pass may write over it or its data (a cache option).
+        reads = model_files(model) if isinstance(model, str | os.PathLike) else []
+        check_pass_paths(self.steps, reads)
         if self.check:
             check_input_loads(current)
         # Cleared when ORT cannot load a pass's input: it cannot judge that pass's output.
@@ -143,7 +146,8 @@ class Pipeline:
         start = time.perf_counter()
         before = G.node_count(current)
         records: list[PassRecord] = []
-        current = self._run_steps(self.steps, current, ctx, records, round_no=1)
+        with protected(reads):
+            current = self._run_steps(self.steps, current, ctx, records, round_no=1)
         return PipelineResult(
             model=current,
             records=records,

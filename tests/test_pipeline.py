@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from onnxopt import (
     ModelError,
+    OutputError,
     PassContext,
     PassError,
     PassResult,
@@ -198,3 +199,12 @@ def test_an_input_ort_refuses_without_a_custom_op_is_refused_before_any_pass() -
     with pytest.raises(ModelError, match=r"does not load in ONNX Runtime \(.*Relu\(1\)") as caught:
         optimize(model, "simplify", PassContext(progress=lambda *a: ran.append(a[0])))
     assert "\n" not in str(caught.value) and ran == []
+
+
+def test_a_pass_option_naming_the_model_given_by_path_is_refused(tmp_path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(identity_chain(2), path)
+    before = path.read_bytes()
+    with pytest.raises(OutputError, match=r"option cache=.*m.onnx, a file this run reads"):
+        optimize(str(path), f"quantize(cache={path})")
+    assert path.read_bytes() == before
