@@ -16,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -126,7 +127,7 @@ def _number(tensor: onnx.TensorProto, info: dict[str, str], key: str) -> int | N
     if key not in info:
         return None
     text = info[key].strip()
-    if not text.isdigit():  # also refuses "-4" and "1e3"
+    if not re.fullmatch(r"[0-9]+", text):  # also refuses "-4", "1e3" and other digits
         raise ExternalDataError(
             f"tensor '{tensor.name}' has external-data {key} '{info[key][:40]}', not a "
             "non-negative integer: the model is corrupt, re-export it"

@@ -91,6 +91,7 @@ BAD_ENTRIES = {
     ),
     "negative offset": ({"offset": "-8"}, r"offset '-8', not a non-negative integer"),
     "non-numeric offset": ({"offset": "12abc"}, r"offset '12abc', not a non-negative integer"),
+    "superscript length": ({"length": "\u00b9\u00b2"}, r"length .\u00b9\u00b2., not a non"),
     "short length": ({"length": "800"}, r"has 800 bytes .* its dims \[300\] need 1200"),
 }
 
