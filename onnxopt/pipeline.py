@@ -9,6 +9,7 @@ the pipeline stops with a PassError instead.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from .errors import ModelError, OnnxoptError, OutputError, PassError, RuntimeLoa
 from .files import protected, same_file
 from .model import check_file, check_model, load_model, model_files, save_model, tensor_bytes
 from .pass_api import Group, Pass, PassContext, Step, parse_spec
-from .runtime import DISK_SESSION_BYTES, create_session
+from .runtime import DISK_SESSION_BYTES, create_session, has_kernel
 
 DEFAULT_PIPELINE = "simplify"
 
@@ -108,11 +109,18 @@ def check_input_loads(model: onnx.ModelProto) -> None:
 
     The onnx checker accepts some models no runtime runs (Relu of opset 1, whose
     kernel ORT dropped): optimizing them would write a model nothing can load.
-    A custom-domain op (its library is not loaded here) is the user's business.
+    A custom-domain op (its library is not loaded here) is the user's business, and
+    so is an op ORT has, but not for these types on the CPU (a bfloat16 model).
     """
     refused = _ort_refuses(model)
-    if refused is not None and not _custom_domains(model):
-        raise ModelError(f"the input model does not load in ONNX Runtime ({refused}): re-export it")
+    if refused is None or _custom_domains(model):
+        return
+    missing = re.search(r"Could not find an implementation for (\w+)\((\d+)\)", refused)
+    if missing and has_kernel(missing[1], int(missing[2])) is not False:
+        # ORT runs this op, only not for these element types on the CPU (bfloat16 for a
+        # GPU): the passes are checked with the onnx checker alone, as for a custom op.
+        return
+    raise ModelError(f"the input model does not load in ONNX Runtime ({refused}): re-export it")
 
 
 def _ort_refuses(model: onnx.ModelProto) -> str | None:

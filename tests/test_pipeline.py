@@ -208,3 +208,18 @@ def test_a_pass_option_naming_the_model_given_by_path_is_refused(tmp_path) -> No
     with pytest.raises(OutputError, match=r"option cache=.*m.onnx, a file this run reads"):
         optimize(str(path), f"quantize(cache={path})")
     assert path.read_bytes() == before
+
+
+def test_an_op_ort_has_only_for_other_types_here_is_still_optimized() -> None:
+    # Exp in bfloat16: ORT's CPU provider has no such kernel (a GPU has), ORT has Exp(13).
+    graph = helper.make_graph(
+        [helper.make_node("Exp", ["x"], ["e"]), helper.make_node("Identity", ["e"], ["y"])],
+        "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(Exception, match=r"NOT_IMPLEMENTED.*Exp\(13\)"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    result = optimize(model, "simplify")
+    assert [n.op_type for n in result.model.graph.node] == ["Exp"]
