@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 
 from onnxopt.data import model_inputs
@@ -365,3 +366,11 @@ def test_analyze_ranks_quantized_nodes(tmp_path: Path) -> None:
     assert isolated == sorted(isolated) and len(layers) >= 5
     assert {"Conv", "Gemm"} <= {layer["op"] for layer in layers}
     assert "data:image/png;base64," in (tmp_path / "a.html").read_text()
+
+
+def test_version_names_onnxopt_onnx_and_onnxruntime() -> None:
+    result = onnxopt("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == (
+        f"onnxopt 0.1.0 (onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__})"
+    )
