@@ -8,7 +8,9 @@ bypass a node) while keeping graph output names stable.
 
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -262,6 +264,12 @@ def unique_name(base: str, taken: set[str]) -> str:
         name, index = f"{base}_{index}", index + 1
     taken.add(name)
     return name
+
+
+def name_matches(name: str | None, patterns: Iterable[str]) -> bool:
+    """Whether `name` matches any of the glob `patterns` (`conv*`, `/blocks/*/MatMul`):
+    how every pass option that names nodes reads its patterns."""
+    return any(fnmatch.fnmatchcase(name or "", p) for p in patterns)
 
 
 def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
