@@ -44,7 +44,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from onnxopt.test_models import backend_cases as bc
@@ -52,7 +51,6 @@ from onnxopt.test_models import backend_cases as bc
 RESULTS = Path(__file__).resolve().parent / "results"
 TOOLS = ("onnxopt", "onnxsim", "onnxslim")
 STATUSES = ("ok", "tool-error", "load-error", "wrong", "timeout")
-MIN_COSINE = 0.999
 
 
 # ---- one tool on one case (in a worker) ----------------------------------------------------
@@ -93,37 +91,6 @@ def tool_case(tool: str, case: bc.BackendCase, reference: list[Any]) -> dict[str
     }
 
 
-def quantize_case(case: bc.BackendCase) -> dict[str, Any]:
-    """quantize(min_weights=0) on a Conv/MatMul/Gemm case whose weights became initializers."""
-    import onnxopt
-    from onnxopt.data import ListFeeds, model_inputs
-
-    model, kept = bc.weights_as_initializers(case)
-    feeds = ListFeeds([dict(zip(bc.feed_names(model), kept, strict=True))], model_inputs(model))
-    ctx = onnxopt.PassContext(feeds=feeds, threads=1)
-    try:
-        result = onnxopt.optimize(model, "quantize(min_weights=0)", ctx)
-    except Exception as exc:  # a traceback from quantize: counted, never hidden
-        return {"status": "tool-error", "detail": f"{type(exc).__name__}: {_line(exc)}"}
-    quantized = any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
-    probe = bc.BackendCase(case.name, case.kind, result.model, kept, case.outputs)
-    try:
-        got = bc.run(result.model, probe)
-    except Exception as exc:  # the quantized model does not load or run
-        return {"status": "load-error", "detail": _line(exc)}
-    cosine = min(
-        bc.cosine(np.asarray(bc.to_value(w)), np.asarray(g))
-        for w, g in zip(case.outputs or [], got, strict=True)
-    )
-    return {
-        "status": "ok" if cosine >= MIN_COSINE else "wrong",
-        "detail": f"cosine {cosine:.6f}",
-        "cosine": cosine,
-        "quantized": quantized,
-        "rollbacks": len(result.rolled_back),
-    }
-
-
 def _line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else ""
@@ -137,7 +104,7 @@ def _worker(job: tuple[str, int], conn: Any) -> None:
         status, reference = bc.baseline(case)
         out: dict[str, Any] = {"status": status, "reference": reference}
     elif kind == "quantize":
-        out = quantize_case(case)
+        out = bc.quantize_case(case)
     else:
         out = tool_case(kind, case, REFERENCES[index])
     conn.send(out)
@@ -265,6 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             "counts": {s: counts.get(s, 0) for s in STATUSES},
             "quantized": sum(1 for r in found if r.get("quantized")),
             "min_cosine": min(cosines) if cosines else None,
+            "min_cosine_case": min(
+                (
+                    (r["cosine"], cases[i].id)
+                    for i, r in zip(picked, found, strict=True)
+                    if "cosine" in r
+                ),
+                default=(None, None),
+            )[1],
             "not_ok": {
                 cases[i].id: r for i, r in zip(picked, found, strict=True) if r["status"] != "ok"
             },

@@ -154,6 +154,27 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> list[np.ndarray]:
     return values
 
 
+def ci_sample(count: int = 150, seed: int = 0, per_module: int = 2) -> list[BackendCase]:
+    """A fixed, seeded sample that is quick to build: a fifth from the stored
+    pytorch-converted/pytorch-operator/simple cases, the rest at most `per_module`
+    cases from each of the node modules in a seeded order (importing only those)."""
+    rng = random.Random(seed)
+    stored = sorted(data_cases(("pytorch-converted", "pytorch-operator", "simple")), key=_id)
+    picked = rng.sample(stored, min(count // 5, len(stored)))
+    modules = node_modules()
+    rng.shuffle(modules)
+    for module in modules:
+        if len(picked) >= count:
+            break
+        cases = sorted(node_cases([module]), key=_id)
+        picked += rng.sample(cases, min(per_module, len(cases), count - len(picked)))
+    return sorted(picked, key=_id)
+
+
+def _id(case: BackendCase) -> str:
+    return case.id
+
+
 def sample(cases: Sequence[BackendCase], count: int, seed: int = 0) -> list[BackendCase]:
     """A fixed sample: the same ids for the same cases, count and seed."""
     ordered = sorted(cases, key=lambda c: c.id)
@@ -268,6 +289,7 @@ def judge(result: onnx.ModelProto, case: BackendCase, reference: Sequence[Any]) 
 # ---- the quantize check --------------------------------------------------------------------
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+MIN_COSINE = 0.999
 
 
 def quantizable(case: BackendCase) -> bool:
@@ -294,6 +316,37 @@ def weights_as_initializers(case: BackendCase) -> tuple[onnx.ModelProto, list[np
     if model.ir_version < 4:
         model.ir_version = 4
     return model, values[:1]
+
+
+def quantize_case(case: BackendCase) -> dict[str, Any]:
+    """quantize(min_weights=0) on a quantizable case, calibrated on the case's own inputs."""
+    import onnxopt
+    from onnxopt.data import ListFeeds, model_inputs
+
+    model, kept = weights_as_initializers(case)
+    feeds = ListFeeds([dict(zip(feed_names(model), kept, strict=True))], model_inputs(model))
+    ctx = onnxopt.PassContext(feeds=feeds, threads=1)
+    try:
+        result = onnxopt.optimize(model, "quantize(min_weights=0)", ctx)
+    except Exception as exc:  # a traceback from quantize: counted, never hidden
+        return {"status": "tool-error", "detail": f"{type(exc).__name__}: {exc}"[:200]}
+    quantized = any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+    probe = BackendCase(case.name, case.kind, result.model, kept, case.outputs)
+    try:
+        got = run(result.model, probe)
+    except Exception as exc:  # the quantized model does not load or run
+        return {"status": "load-error", "detail": str(exc)[:200]}
+    value = min(
+        cosine(np.asarray(to_value(w)), np.asarray(g))
+        for w, g in zip(case.outputs or [], got, strict=True)
+    )
+    return {
+        "status": "ok" if value >= MIN_COSINE else "wrong",
+        "detail": f"cosine {value:.6f}",
+        "cosine": value,
+        "quantized": quantized,
+        "rollbacks": len(result.rolled_back),
+    }
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
