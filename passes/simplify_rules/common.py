@@ -124,8 +124,10 @@ def reroute(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
 
 
 def is_read(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    """Whether anything sees `tensor`: a node, a subgraph, or the user (a graph output)."""
-    return bool(tensor.outputs) or is_graph_output(graph, tensor)
+    """Whether anything sees `tensor`: a node, or an output of this graph or of a subgraph
+    below it (a branch may return an outer value as it is), which the user or the
+    enclosing node reads."""
+    return bool(tensor.outputs) or any(is_graph_output(g, tensor) for g in all_graphs(graph))
 
 
 def sole_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
