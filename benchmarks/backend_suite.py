@@ -26,6 +26,7 @@ against the expected outputs.
     python benchmarks/backend_suite.py                    # all cases, three tools
     python benchmarks/backend_suite.py --tools onnxopt --limit 200 --jobs 2
     python benchmarks/backend_suite.py --quantize
+    python benchmarks/backend_suite.py --tools "" --quantize   # the quantize check alone
 
 Writes benchmarks/results/backend_suite.json and prints one table per tool.
 """
@@ -168,15 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in args.kinds.split(",") if k]
     for tool in tools:  # imported before the workers fork, so that each does not
         __import__(tool)
+    from onnxopt import available_passes
     from onnxopt.api import quiet_libraries
 
     quiet_libraries()
+    available_passes()  # the passes too: otherwise every worker imports them again
     start = time.perf_counter()
     cases = (bc.node_cases() if "node" in kinds else []) + bc.data_cases(
         [k for k in kinds if k != "node"]
     )
     if args.limit:
         cases = bc.sample(cases, args.limit)
+    if not tools:  # the quantize check alone needs only its own cases
+        cases = [c for c in cases if bc.quantizable(c)]
     CASES[:] = cases
     print(f"{len(cases)} cases collected in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(table(tool, report["tools"][tool], len(usable)), flush=True)
     # Node counts compare only where every tool is right.
-    common = set.intersection(*(set(t["nodes"]) for t in report["tools"].values()))
+    common = set.intersection(*(set(t["nodes"]) for t in report["tools"].values()) or [set()])
     report["nodes_where_all_ok"] = {
         "cases": len(common),
         **{tool: sum(t["nodes"][c] for c in common) for tool, t in report["tools"].items()},
