@@ -66,7 +66,38 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
         for entry in like.opset_import:
             if entry.domain not in known and entry.domain not in DEFAULT_DOMAINS:
                 model.opset_import.append(entry)
+    _declare_initializers(model)
     return model
+
+
+def _declare_initializers(model: onnx.ModelProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too; GraphSurgeon drops those.
+
+    The main graph lists them again (the model keeps its IR version and what old
+    runtimes expect); a subgraph's inputs are positional, so a subgraph initializer
+    raises the IR version to 4 instead.
+    """
+    if model.ir_version >= 4:
+        return
+    graph = model.graph
+    declared = {vi.name for vi in graph.input}
+    for tensor in graph.initializer:
+        if tensor.name not in declared:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+            declared.add(tensor.name)
+
+    def subgraph_initializers(g: onnx.GraphProto) -> bool:
+        for node in g.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    if sub.initializer or subgraph_initializers(sub):
+                        return True
+        return False
+
+    if subgraph_initializers(graph):
+        model.ir_version = 4
 
 
 def _export(graph: gs.Graph) -> onnx.ModelProto:

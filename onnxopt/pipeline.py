@@ -8,6 +8,7 @@ the pipeline stops with a PassError instead.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Sequence
@@ -200,7 +201,9 @@ class Pipeline:
         if error is not None:
             if self.strict:
                 raise PassError(f"pass '{step.name}' broke the model and --strict is set: {error}")
-            ctx.logger.warning("pass %s rolled back: %s", step.name, error)
+            _rollback_logger(ctx.logger).warning(
+                "pass %s rolled back: %s", step.name, " ".join(error.split())
+            )
             records.append(
                 PassRecord(
                     step.name,
@@ -229,6 +232,19 @@ class Pipeline:
             )
         )
         return candidate, result.changed
+
+
+def _rollback_logger(logger: logging.Logger) -> logging.Logger:
+    """The logger a rollback goes to: a child with its own level, so that it is always said.
+
+    `-q` (or any caller) quiets the `onnxopt` logger to errors; a rolled-back pass
+    is not an error (`--strict` makes it one) but the user must still learn that
+    the output lacks that pass, so its child logger keeps warnings: one line each.
+    """
+    child = logger.getChild("rollback")
+    if child.level == logging.NOTSET:
+        child.setLevel(logging.WARNING)
+    return child
 
 
 def optimize(

@@ -127,7 +127,9 @@ def session_options(
 ) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPT_LEVELS[optimization]
-    options.log_severity_level = 3
+    # FATAL only: ORT logs a failed load or run at ERROR level, in colour, over several
+    # lines, and then raises; the user gets that exception as one line of ours instead.
+    options.log_severity_level = 4
     options.enable_mem_pattern = memory_pattern
     if threads:
         options.intra_op_num_threads = threads
