@@ -139,5 +139,5 @@ def quiet_libraries() -> None:
     from onnx_graphsurgeon.logger import G_LOGGER
 
     G_LOGGER.severity = G_LOGGER.ERROR
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)
     logging.getLogger("onnxopt").setLevel(logging.WARNING)

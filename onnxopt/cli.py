@@ -129,8 +129,24 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+class _Version(argparse.Action):
+    """Print onnxopt's version with the onnx and ORT it runs on (what a bug report needs),
+    importing them only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib import metadata
+
+        import onnx
+        import onnxruntime
+
+        version = f"onnxopt {metadata.version('onnxopt')} (onnx {onnx.__version__}, "
+        print(version + f"onnxruntime {onnxruntime.__version__})")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxopt", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the versions and exit")
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     sub = _Subcommands(

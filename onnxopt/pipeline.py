@@ -8,6 +8,7 @@ the pipeline stops with a PassError instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -251,7 +252,9 @@ class Pipeline:
         if error is not None:
             if self.strict:
                 raise PassError(f"pass '{step.name}' broke the model and --strict is set: {error}")
-            ctx.logger.warning("pass %s rolled back: %s", step.name, error)
+            _rollback_logger(ctx.logger).warning(
+                "pass %s rolled back: %s", step.name, " ".join(error.split())
+            )
             records.append(
                 PassRecord(
                     step.name,
@@ -303,6 +306,19 @@ def check_pass_paths(steps: Sequence[Step], reads: Sequence[Path]) -> None:
                         f"pass '{step.name}' option {option}={value} names {source}, a file "
                         "this run reads: choose another path, inputs are never overwritten"
                     )
+
+
+def _rollback_logger(logger: logging.Logger) -> logging.Logger:
+    """The logger a rollback goes to: a child with its own level, so that it is always said.
+
+    `-q` (or any caller) quiets the `onnxopt` logger to errors; a rolled-back pass
+    is not an error (`--strict` makes it one) but the user must still learn that
+    the output lacks that pass, so its child logger keeps warnings: one line each.
+    """
+    child = logger.getChild("rollback")
+    if child.level == logging.NOTSET:
+        child.setLevel(logging.WARNING)
+    return child
 
 
 def optimize(
