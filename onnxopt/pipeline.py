@@ -285,6 +285,19 @@ class Pipeline:
         return candidate, result.changed
 
 
+def _rollback_logger(logger: logging.Logger) -> logging.Logger:
+    """The logger a rollback goes to: a child with its own level, so that it is always said.
+
+    `-q` (or any caller) quiets the `onnxopt` logger to errors; a rolled-back pass
+    is not an error (`--strict` makes it one) but the user must still learn that
+    the output lacks that pass, so its child logger keeps warnings: one line each.
+    """
+    child = logger.getChild("rollback")
+    if child.level == logging.NOTSET:
+        child.setLevel(logging.WARNING)
+    return child
+
+
 def check_pass_paths(steps: Sequence[Step], reads: Sequence[Path]) -> None:
     """Refuse a pass option that names a file the run reads (the model, its external data,
     the feeds), before any pass runs.
@@ -306,19 +319,6 @@ def check_pass_paths(steps: Sequence[Step], reads: Sequence[Path]) -> None:
                         f"pass '{step.name}' option {option}={value} names {source}, a file "
                         "this run reads: choose another path, inputs are never overwritten"
                     )
-
-
-def _rollback_logger(logger: logging.Logger) -> logging.Logger:
-    """The logger a rollback goes to: a child with its own level, so that it is always said.
-
-    `-q` (or any caller) quiets the `onnxopt` logger to errors; a rolled-back pass
-    is not an error (`--strict` makes it one) but the user must still learn that
-    the output lacks that pass, so its child logger keeps warnings: one line each.
-    """
-    child = logger.getChild("rollback")
-    if child.level == logging.NOTSET:
-        child.setLevel(logging.WARNING)
-    return child
 
 
 def optimize(

@@ -74,6 +74,20 @@ def int8_pair_sums_saturate() -> bool:
     return not ({"avx512_vnni", "avx_vnni"} & set(flags))
 
 
+def trim_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS.
+
+    Freed protobuf and numpy buffers stay resident in glibc's arenas; without a
+    trim the calibration session's allocations pile on top of them and the peak
+    grows by a model's worth of weights or more. A no-op off glibc.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @cache
 def _kernel_versions() -> dict[str, list[tuple[int, int]]] | None:
     try:
@@ -97,20 +111,6 @@ def has_kernel(op: str, version: int) -> bool | None:
     if versions is None:
         return None
     return any(low <= version <= high for low, high in versions.get(op, []))
-
-
-def trim_memory() -> None:
-    """Collect garbage and hand freed heap memory back to the OS.
-
-    Freed protobuf and numpy buffers stay resident in glibc's arenas; without a
-    trim the calibration session's allocations pile on top of them and the peak
-    grows by a model's worth of weights or more. A no-op off glibc.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def available_providers() -> list[str]:

@@ -503,37 +503,6 @@ def test_analyze_ranks_quantized_nodes(tmp_path: Path) -> None:
     assert "data:image/png;base64," in (tmp_path / "a.html").read_text()
 
 
-def test_ctrl_c_during_start_up_is_one_line(model_dir: Path) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "onnxopt", "inspect", str(model_dir / "cnn.onnx")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    maps = Path(f"/proc/{process.pid}/maps")
-    deadline = time.monotonic() + 60
-    # numpy's shared objects are mapped: the heavy imports (numpy, onnx, ORT) are under way.
-    while "numpy" not in maps.read_text() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines() == ["onnxopt: interrupted while starting; nothing was done"]
-    assert stdout == ""
-
-
-def test_import_is_light_and_keeps_the_function_names() -> None:
-    code = (
-        "import sys, onnxopt\n"
-        "assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules\n"
-        "import onnxopt.verify, onnxopt.bench\n"
-        "assert callable(onnxopt.verify) and callable(onnxopt.bench), 'functions, not modules'\n"
-        "from onnxopt import OutputError, optimize_file, verify\n"
-        "assert callable(verify)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
 def test_version_names_onnxopt_onnx_and_onnxruntime() -> None:
     result = onnxopt("--version")
     assert result.returncode == 0
@@ -594,3 +563,34 @@ def test_ort_log_lines_stay_off_stderr(model_dir: Path) -> None:
     done = onnxopt("optimize", model_dir / "bad_gather.onnx", "-o", model_dir / "o.onnx")
     assert done.returncode == 0, done.stderr
     assert "onnxruntime" not in done.stderr and "\x1b[" not in done.stderr, done.stderr
+
+
+def test_ctrl_c_during_start_up_is_one_line(model_dir: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "onnxopt", "inspect", str(model_dir / "cnn.onnx")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 60
+    # numpy's shared objects are mapped: the heavy imports (numpy, onnx, ORT) are under way.
+    while "numpy" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["onnxopt: interrupted while starting; nothing was done"]
+    assert stdout == ""
+
+
+def test_import_is_light_and_keeps_the_function_names() -> None:
+    code = (
+        "import sys, onnxopt\n"
+        "assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules\n"
+        "import onnxopt.verify, onnxopt.bench\n"
+        "assert callable(onnxopt.verify) and callable(onnxopt.bench), 'functions, not modules'\n"
+        "from onnxopt import OutputError, optimize_file, verify\n"
+        "assert callable(verify)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
