@@ -62,14 +62,10 @@ def test_dead_channels_are_removed_with_identical_outputs(name):
     result = optimize(model, "prune-channels(ratio=0)", strict=True)
     stats = result.records[-1].stats
     assert stats["classes_removed"] == stats["classes_removed_exactly"] == classes
-    check = verify(model, result.model, samples=4, atol=1e-5, rtol=0.0)
-    # Removing a channel reorders the float32 sums of every consumer: each output may move
-    # by a few units in the last place of the largest partial sums, which grow with the
-    # output's magnitude (the digits logits reach 45: 1.1e-5 measured, 2.1 ulp of 45).
-    # 16 ulp of the largest output, and never less than 1e-5.
-    for out in check.outputs:
-        bound = max(1e-5, 16 * float(np.finfo(np.float32).eps) * out.peak)
-        assert out.max_abs <= bound, (out.name, out.max_abs, bound)
+    # Identical up to float32 summation order, which a smaller Conv changes (1.1e-5 on
+    # the digits logits on an AVX2 CPU): 1e-6 relative, 1e-5 absolute.
+    check = verify(model, result.model, samples=4, atol=1e-5, rtol=1e-6)
+    assert check.passed, check.outputs[0].max_abs
 
 
 def test_a_constant_channel_before_a_padded_conv_is_folded_as_a_map():
