@@ -29,7 +29,8 @@ from .apply import Slicer, apply_edits
 from .dependency import Analysis, ChannelGroup
 from .greedy import greedy_keep, parse_budget
 from .importance import data_importance, weight_importance
-from .recovery import Recovery, apply_offsets, apply_weights, exact_classes, plan_recovery
+from .offsets import apply_offsets, apply_weights
+from .recovery import Recovery, exact_classes, plan_recovery
 from .search import (
     DEFAULT_CEILING,
     Measure,
