@@ -12,7 +12,13 @@ import onnx
 from .bench import BenchResult, bench
 from .data import FeedSource, check_shapes, load_feeds, model_inputs
 from .model import check_output_path, load_model, save_model
-from .pass_api import PassContext, available_groups, available_passes, describe_pass
+from .pass_api import (
+    PassContext,
+    available_groups,
+    available_passes,
+    describe_pass,
+    get_pass,
+)
 from .pipeline import DEFAULT_PIPELINE, PipelineResult, optimize
 from .summary import ModelSummary, summarize
 from .verify import VerifyResult, verify
@@ -90,6 +96,11 @@ def inspect(model: Any, shapes: dict[str, tuple[int, ...]] | None = None) -> Mod
     """Ops, parameters, MACs, size, opset, inputs and outputs of a model."""
     loaded = model if isinstance(model, onnx.ModelProto) else load_model(model)
     return summarize(loaded, shapes)
+
+
+def describe(name: str) -> dict[str, Any]:
+    """One pass in full: its summary, its docstring (the rules) and each option's help."""
+    return describe_pass(get_pass(name))
 
 
 def list_passes() -> list[dict[str, Any]]:

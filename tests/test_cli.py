@@ -248,6 +248,29 @@ def test_passes_lists_names_and_options(tmp_path: Path) -> None:
     assert listing["fold-constants"]["options"][0]["name"] == "size_threshold"
 
 
+def test_passes_shows_one_pass_with_what_each_option_does(tmp_path: Path) -> None:
+    result = onnxopt("passes", "quantize", "--json", tmp_path / "q.json")
+    assert result.returncode == 0, result.stderr
+    (item,) = json.loads((tmp_path / "q.json").read_text())["passes"]
+    options = {o["name"]: o for o in item["options"]}
+    assert len(options) > 20 and all(o["help"] for o in options.values())
+    assert {o["group"] for o in options.values()} == {
+        "kind",
+        "calibration",
+        "placement",
+        "precision",
+        "accuracy",
+    }
+    assert (
+        options["calibrate"]["group"] == "calibration" and options["min_weights"]["default"] == 1024
+    )
+    # The rules (the docstring) come first, then the table with each option's line.
+    assert "Precision per node" in result.stdout and "histogram bins" in result.stdout
+    unknown = onnxopt("passes", "quantise")
+    assert unknown.returncode == 2 and "did you mean 'quantize'" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+
+
 def test_demo_optimizes_verifies_and_benches(tmp_path: Path) -> None:
     result = onnxopt("demo", "--out-dir", tmp_path, "--runs", "5")
     assert result.returncode == 0, result.stderr

@@ -52,7 +52,7 @@ from .precision import (
     summary,
 )
 from .progress import calibration_progress
-from .qdq import Namer, QType
+from .qdq import INT8, Namer, QType
 
 MAX_MASK_ROUNDS = 4
 INT16_OPSET = 21
@@ -80,6 +80,7 @@ class StaticConfig:
     max_moves: int = 0
     bias_correction: bool = False
     min_weights: int = 0
+    weight_type: QType = INT8
     stats: dict[str, int | float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
