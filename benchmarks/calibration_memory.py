@@ -3,7 +3,7 @@
     python benchmarks/calibration_memory.py [--samples 16,64,256] [--size 640] [--repeats 1]
 
 For each sample count N, the script writes one .npz holding N seeded synthetic text
-pages (the generator of benchmarks/quantize.py) as the array `x` [N, 3, size, size],
+pages (`onnxopt.test_models.textpages.text_page`) as the array `x` [N, 3, size, size],
 then runs, as a whole process,
 
     python -m onnxopt optimize det.onnx -o q.onnx --data calib_N.npz \\
@@ -49,8 +49,7 @@ def write_pages(path: Path, samples: int, size: int) -> None:
     a page at a time (the writer holds one page, as the reader should)."""
     import zipfile
 
-    sys.path.insert(0, str(HERE))
-    from quantize import text_page
+    from onnxopt.test_models.textpages import text_page
 
     header = {"descr": "<f4", "fortran_order": False, "shape": (samples, 3, size, size)}
     with zipfile.ZipFile(path, "w") as archive:
@@ -58,6 +57,16 @@ def write_pages(path: Path, samples: int, size: int) -> None:
             np.lib.format.write_array_header_2_0(stream, header)
             for i in range(samples):
                 stream.write(np.ascontiguousarray(text_page(1000 + i, size)).tobytes())
+
+
+def cpu_name() -> str:
+    """The CPU's model name (lscpu's), and the machine type."""
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    return platform.machine()
 
 
 def run_once(model: Path, data: Path, out: Path) -> dict:
@@ -135,7 +144,7 @@ def main() -> int:
         RESULTS / "calibration_memory.json",
         {
             "command": command.strip(),
-            "machine": platform.processor() or platform.machine(),
+            "machine": cpu_name(),
             "date": time.strftime("%Y-%m-%d"),
             "runs": {str(n): runs[n] for n in counts},
             "growth": round(growth, 3),
