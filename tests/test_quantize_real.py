@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
 
 from onnxopt.data import ListFeeds, model_inputs
 from onnxopt.pass_api import PassContext
 from onnxopt.pipeline import optimize
+from onnxopt.test_models.broken import halved_scales
 from onnxopt.test_models.fetch import fetch
 from onnxopt.test_models.textlines import direction_accuracy, labelled_feeds
 from onnxopt.test_models.textpages import box_scores, text_page
@@ -31,18 +31,6 @@ def quantize(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> onnx
     result = optimize(model, "quantize", context, strict=True)
     assert result.records[-1].status == "changed"
     return result.model
-
-
-def halved_scales(model: onnx.ModelProto) -> onnx.ModelProto:
-    broken = onnx.ModelProto()
-    broken.CopyFrom(model)
-    tensors = {t.name: t for t in broken.graph.initializer}
-    scales = {n.input[1] for n in broken.graph.node if n.op_type == "DequantizeLinear"}
-    assert scales and scales <= tensors.keys()
-    for name in scales:
-        halved = numpy_helper.to_array(tensors[name]) / 2
-        tensors[name].CopyFrom(numpy_helper.from_array(halved, name))
-    return broken
 
 
 def outputs(model: onnx.ModelProto, xs: list[np.ndarray]) -> np.ndarray:
