@@ -210,6 +210,8 @@ def measure(info: dict[str, Any], methods: list[str], repeats: int) -> list[dict
                 row["tools"][tool] = {"error": failed[0]["error"]}
                 continue
             merged: dict[str, Any] = {"repeats": len(found), "notes": found[0].get("notes", [])}
+            if "pre" in found[0]:
+                merged["pre"] = found[0]["pre"]
             for key in ("process_s", "peak_rss_mb", "call_s"):
                 values = [r[key] for r in found]
                 merged[key] = statistics.median(values)
@@ -275,7 +277,10 @@ def markdown(results: list[dict[str, Any]], command: str, machine: str) -> str:
         )
         for row in result["rows"]:
             for tool, found in row["tools"].items():
-                label = f"| {result['model']} | {row['method']} | {names[tool]} |"
+                name = names[tool]
+                if "skip_symbolic_shape" in found.get("pre", ""):
+                    name = "ORT best (pre-processed with skip_symbolic_shape)"
+                label = f"| {result['model']} | {row['method']} | {name} |"
                 if "error" in found:
                     lines.append(f"{label} failed: {found['error']} | | | | |")
                     continue
