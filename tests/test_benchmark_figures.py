@@ -5,7 +5,8 @@ script wrote (paths from the repository root, comma-separated):
 
     <!-- figures: benchmarks/results/calibration_memory.json -->
 
-The section runs to the next heading of the same or a higher level. Its figures are
+The section runs to the next heading of the same or a higher level, or to a sub-heading
+that carries a marker of its own (its own section). Its figures are
 the numbers in its table rows (lines starting with `|`, header and separator rows
 left out). A figure is found when some number in the named JSON (a number value, or
 a number written inside a string value, such as the Markdown table a script stores)
@@ -40,7 +41,10 @@ def sections(text: str) -> list[tuple[str, list[str], list[str]]]:
         rows = []
         body = lines[i + 1 :]
         for k, row in enumerate(body):
-            if row.startswith("#") and len(row) - len(row.lstrip("#")) <= level:
+            if row.startswith("#") and (
+                len(row) - len(row.lstrip("#")) <= level
+                or (k + 1 < len(body) and MARKER.search(body[k + 1]))
+            ):
                 break
             following = body[k + 1].strip() if k + 1 < len(body) else ""
             if _is_row(row) and not _is_separator(row) and not _is_separator(following):
