@@ -113,7 +113,10 @@ def run_tool(tool: str, method: str, info: dict[str, Any], target: Path) -> dict
     source = info["ort_model"] if tool.startswith("ort") else info["model"]
     command = [sys.executable, str(CHILD), tool, method, str(source), str(info["calib"])]
     done = subprocess.run(
-        [sys.executable, "-c", WRAPPER, *command, str(target)], capture_output=True, text=True
+        [sys.executable, "-c", WRAPPER, *command, str(target)],
+        capture_output=True,
+        text=True,
+        cwd=info["folder"],  # quant_pre_process leaves sym_shape_infer_temp.onnx in the cwd
     )
     record = json.loads(done.stdout.strip().splitlines()[-1])
     child = json.loads(record["stdout"][0]) if record["stdout"] else {}
