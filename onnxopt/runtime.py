@@ -11,6 +11,8 @@ nothing else adds graph outputs to look inside a model.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import tempfile
@@ -72,6 +74,45 @@ def int8_pair_sums_saturate() -> bool:
     return not ({"avx512_vnni", "avx_vnni"} & set(flags))
 
 
+def trim_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS.
+
+    Freed protobuf and numpy buffers stay resident in glibc's arenas; without a
+    trim the calibration session's allocations pile on top of them and the peak
+    grows by a model's worth of weights or more. A no-op off glibc.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@cache
+def _kernel_versions() -> dict[str, list[tuple[int, int]]] | None:
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+        kernels = state.get_all_opkernel_def()
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    versions: dict[str, list[tuple[int, int]]] = {}
+    for kernel in kernels:
+        versions.setdefault(kernel.op_name, []).append(tuple(kernel.version_range))
+    return versions
+
+
+def has_kernel(op: str, version: int) -> bool | None:
+    """Whether this ORT build runs `op` of schema `version` on some provider for some
+    element type (None when ORT cannot say). False means no model with that op at that
+    version loads here, whatever its types: Relu of opset 1, whose kernels start at 6.
+    """
+    versions = _kernel_versions()
+    if versions is None:
+        return None
+    return any(low <= version <= high for low, high in versions.get(op, []))
+
+
 def available_providers() -> list[str]:
     """Short names of the providers this onnxruntime build offers."""
     by_long = {v: k for k, v in PROVIDERS.items()}
@@ -111,7 +152,9 @@ def session_options(
 ) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPT_LEVELS[optimization]
-    options.log_severity_level = 3
+    # FATAL only: ORT logs a failed load or run at ERROR level, in colour, over several
+    # lines, and then raises; the user gets that exception as one line of ours instead.
+    options.log_severity_level = 4
     options.enable_mem_pattern = memory_pattern
     if threads:
         options.intra_op_num_threads = threads

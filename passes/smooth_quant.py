@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -16,11 +15,12 @@ from onnxopt.graph import (
     consumers,
     is_default,
     is_graph_output,
+    name_matches,
     producer,
     to_model,
     unique_name,
 )
-from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
+from onnxopt.pass_api import DATA_HINT, Pass, PassContext, PassResult, register_pass
 
 # Smoothing factors are kept in this band: beyond it a channel that is all but
 # silent (or a weight row of zeros) would get an absurd scale for no gain.
@@ -92,10 +92,7 @@ class SmoothQuant(Pass):
             notes.append("no MatMul or Gemm with a constant weight to smooth")
             return PassResult(False, dict(stats), notes)
         if ctx.feeds is None:
-            raise PassError(
-                "smooth-quant needs calibration data: pass --data PATH (a .npz file or "
-                "folder) or set ctx.feeds"
-            )
+            raise PassError(f"smooth-quant needs calibration data: {DATA_HINT}")
         names = [g.tensor.name for g in groups]
         channels = channel_stats(
             to_model(graph),
@@ -126,10 +123,9 @@ class SmoothQuant(Pass):
     # ---- matching ---------------------------------------------------------------------
 
     def _selected(self, node: gs.Node) -> bool:
-        name = node.name or ""
-        if self.include_nodes and not any(fnmatch.fnmatchcase(name, p) for p in self.include_nodes):
+        if self.include_nodes and not name_matches(node.name, self.include_nodes):
             return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude_nodes)
+        return not name_matches(node.name, self.exclude_nodes)
 
     def _linear(self, node: gs.Node) -> _Linear | None:
         if not is_default(node) or len(node.inputs) < 2 or not self._selected(node):

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.errors import ModelError, PassError
 from onnxopt.graph import upgraded
 from onnxopt.pass_api import Option, Pass, PassContext, PassResult, register_pass
-from onnxopt.runtime import int8_pair_sums_saturate
+from onnxopt.runtime import int8_pair_sums_saturate, trim_memory
 
 from .dynamic import run_dynamic
 from .int4 import run_int4
@@ -25,7 +25,7 @@ from .mixed import Target, parse_target
 from .placement import ABSORBED, DEFAULT_OPS, OPT_IN_OPS
 from .precision import Overrides
 from .qdq import INT8, INT8_REDUCED, QTYPES, QType
-from .static import StaticConfig, run_static, trim_memory
+from .static import StaticConfig, run_static
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute
 INT16_OPSET = 21  # 16-bit and 4-bit QuantizeLinear/DequantizeLinear, blocked DQ

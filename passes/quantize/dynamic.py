@@ -15,19 +15,15 @@ Convolutions are left float: ORT's ConvInteger is slower than its float Conv.
 
 from __future__ import annotations
 
-import fnmatch
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import constant_value
+from onnxopt.graph import constant_value, name_matches
 
 from .placement import already_quantized
 from .prepare import gemm_to_matmul
 from .qdq import INT8, Namer, QType, quantize, weight_params
-
-DYNAMIC_OPS = {"MatMul", "Gemm"}
 
 
 def run_dynamic(
@@ -76,7 +72,7 @@ def run_dynamic(
 
 
 def _selected(node: gs.Node, exclude_nodes: list[str]) -> bool:
-    return not any(fnmatch.fnmatchcase(node.name or "", p) for p in exclude_nodes)
+    return not name_matches(node.name, exclude_nodes)
 
 
 def _rewrite(
