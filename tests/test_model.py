@@ -158,15 +158,15 @@ def test_models_over_2gb_are_saved_with_external_data(tmp_path: Path) -> None:
     info = {e.key: e.value for e in stored.graph.initializer[3].external_data}
     assert info["location"] == data.name and int(info["length"]) == chunk
     assert len(big.graph.initializer[3].raw_data) == chunk, "the caller's model keeps its data"
-    with open(tmp_path / "huge.onnx.data", "rb") as data:  # every blob back, byte for byte
+    with open(data, "rb") as stream:  # every blob back, byte for byte
         for written, kept in zip(
             stored.graph.initializer[1:], big.graph.initializer[1:], strict=True
         ):
             entry = {e.key: e.value for e in written.external_data}
-            data.seek(int(entry.get("offset", 0)))
+            stream.seek(int(entry.get("offset", 0)))
             step = 64 * 2**20
             for start in range(0, int(entry["length"]), step):
-                assert data.read(min(step, chunk - start)) == kept.raw_data[start : start + step]
+                assert stream.read(min(step, chunk - start)) == kept.raw_data[start : start + step]
 
 
 def test_default_opset_and_upgrade() -> None:
