@@ -200,9 +200,23 @@ def check_feed(feed: Feed, specs: Sequence[InputSpec], source: str = "feeds") ->
         if bad_rank or bad_dim:
             raise FeedError(
                 f"{source}: input '{spec.name}' has shape {list(value.shape)} but the model "
-                f"expects {spec.describe().split(': ', 1)[1]}: fix the data or the --shape"
+                f"expects {spec.describe().split(': ', 1)[1]}: {_shape_fix(value.shape, spec)}"
             )
     return feed
+
+
+def _shape_fix(shape: tuple[int, ...], spec: InputSpec) -> str:
+    """What to do about a misshapen array: the transpose when it is the model's image laid
+    out channels-last (NHWC for NCHW), else fix the data or the --shape."""
+    expected = spec.shape
+    if len(shape) == 4 == len(expected):
+        nchw = (shape[0], shape[3], shape[1], shape[2])
+        if all(not isinstance(d, int) or d == v for d, v in zip(expected, nchw, strict=True)):
+            return (
+                "it looks channels-last (NHWC): store array.transpose(0, 3, 1, 2), "
+                f"shape {list(nchw)}"
+            )
+    return "fix the data or the --shape"
 
 
 def check_finite(feed: Feed, source: str, first: int = 0, samples: int = 1) -> Feed:

@@ -4,10 +4,15 @@ Preprocessing, in this order: open and convert to RGB (or L for one channel),
 resize to the model's H×W with bilinear filtering, scale to float32 by `scale`
 (default 1/255), subtract `mean` and divide by `std` per channel, lay out as
 NCHW (default) or NHWC, and add a batch axis of 1.
+
+A model whose image height and width are dynamic takes them from the images when
+every image in the folder has the same size (and says so); otherwise `--shape`
+names the size to resize them to.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,6 +22,11 @@ from .data import Feed, FeedSource, InputSpec, bind_shape, check_feed, tensor_sp
 from .errors import FeedError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+PILLOW_HINT = (
+    "image folders need Pillow: pip install 'onnxopt[images]' "
+    "(in a checkout of onnxopt: pip install -e '.[images]')"
+)
+log = logging.getLogger("onnxopt")
 
 
 class ImageFeeds(FeedSource):
@@ -34,7 +44,7 @@ class ImageFeeds(FeedSource):
         try:
             import PIL.Image  # noqa: F401
         except ImportError:
-            raise FeedError("image folders need Pillow: pip install 'onnxopt[images]'") from None
+            raise FeedError(PILLOW_HINT) from None
         if len(specs) != 1:
             raise FeedError("image folders feed models with exactly one input: use .npz files")
         if layout not in ("NCHW", "NHWC"):
@@ -45,7 +55,12 @@ class ImageFeeds(FeedSource):
         if not self.files:
             raise FeedError(f"folder {self.folder} holds no images or .npz files: check --data")
         spec = self.specs[0]
-        self.shape = bind_shape(spec, shapes or {}, batch=1)
+        shapes = dict(shapes or {})
+        if spec.name not in shapes and len(spec.shape) == 4:
+            size = self._image_size(spec, layout)
+            if size is not None:
+                shapes[spec.name] = size
+        self.shape = bind_shape(spec, shapes, batch=1)
         if len(self.shape) != 4:
             raise FeedError(f"input {spec.describe()} is not an image batch (rank 4)")
         if layout == "NCHW":
@@ -64,6 +79,46 @@ class ImageFeeds(FeedSource):
             raise FeedError(f"image scale must be finite and non-zero, not {scale}")
         self.scale = scale
         self.layout = layout
+
+    def _image_size(self, spec: InputSpec, layout: str) -> tuple[int, ...] | None:
+        """The input's shape with H and W from the images, when they are dynamic in the
+        model and every image has the same size; None when they are static."""
+        h_axis, c_axis = (2, 1) if layout == "NCHW" else (1, 3)
+        if all(isinstance(spec.shape[i], int) for i in (h_axis, h_axis + 1)):
+            return None
+        from PIL import Image
+
+        sizes: dict[tuple[int, int], Path] = {}
+        for path in self.files:
+            try:
+                with Image.open(path) as img:
+                    sizes.setdefault((img.height, img.width), path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                raise FeedError(
+                    f"image {path} cannot be read ({exc}): replace or remove the file"
+                ) from None
+        if len(sizes) > 1:
+            (a, first), (b, second) = list(sizes.items())[:2]
+            raise FeedError(
+                f"input {spec.describe()} takes any image size, and the images differ "
+                f"({first.name} is {a[0]}x{a[1]}, {second.name} {b[0]}x{b[1]}): pass --shape "
+                f"{spec.shape_hint()} with the size to resize them to"
+            )
+        (height, width), _ = next(iter(sizes.items()))
+        channels = spec.shape[c_axis] if isinstance(spec.shape[c_axis], int) else 3
+        shape = [1, channels, height, width] if layout == "NCHW" else [1, height, width, channels]
+        if isinstance(spec.shape[0], int):
+            shape[0] = spec.shape[0]
+        log.warning(
+            "input %s: %dx%d (height x width) from the images, which all have that size; "
+            "--shape %s=%s resizes them to another",
+            spec.name,
+            height,
+            width,
+            spec.name,
+            "x".join(map(str, shape)),
+        )
+        return tuple(shape)
 
     def load(self, path: Path) -> np.ndarray:
         from PIL import Image

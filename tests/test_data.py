@@ -161,6 +161,51 @@ def test_image_folder_preprocessing(tmp_path: Path) -> None:
     assert next(iter(nhwc))["image"][0, 3, 3].tolist() == [255.0, 128.0, 0.0]
 
 
+def _any_size_spec(layout: str = "NCHW"):
+    from onnxopt.data import InputSpec
+
+    dims = ("n", 3, "h", "w") if layout == "NCHW" else ("n", "h", "w", 3)
+    return [InputSpec("image", np.dtype(np.float32), dims)]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_image_size_comes_from_images_of_one_size(tmp_path: Path, caplog, layout) -> None:
+    for i in range(3):
+        Image.fromarray(np.full((24, 40, 3), 10 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    with caplog.at_level("WARNING", logger="onnxopt"):
+        feeds = ImageFeeds(tmp_path, _any_size_spec(layout), layout=layout)
+    shapes = {next(iter(f.values())).shape for f in feeds}
+    assert shapes == {(1, 3, 24, 40) if layout == "NCHW" else (1, 24, 40, 3)}
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "24x40 (height x width) from the images" in said and "--shape image=1x" in said
+    # --shape still wins, and resizes.
+    given = {"image": (1, 3, 8, 8) if layout == "NCHW" else (1, 8, 8, 3)}
+    resized = ImageFeeds(tmp_path, _any_size_spec(layout), shapes=given, layout=layout)
+    assert next(iter(resized))["image"].shape == given["image"]
+
+
+def test_images_of_several_sizes_need_a_shape_named_in_one_line(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(FeedError) as err:
+        ImageFeeds(tmp_path, _any_size_spec())
+    message = str(err.value)
+    assert "a.png is 24x40, b.png 30x30" in message and "--shape image=1x3xNxN" in message
+    assert "\n" not in message
+
+
+def test_a_channels_last_array_gets_its_shape_and_the_transpose() -> None:
+    from onnxopt.data import InputSpec, check_feed
+
+    spec = InputSpec("x", np.dtype(np.float32), ("n", 3, 32, 32))
+    with pytest.raises(FeedError) as err:
+        check_feed({"x": np.zeros((4, 32, 32, 3), np.float32)}, [spec], "calib.npz")
+    assert "has shape [4, 32, 32, 3]" in str(err.value)
+    assert "transpose(0, 3, 1, 2), shape [4, 3, 32, 32]" in str(err.value)
+    with pytest.raises(FeedError, match=r"\[4, 5, 32, 32\] .*fix the data or the --shape"):
+        check_feed({"x": np.zeros((4, 5, 32, 32), np.float32)}, [spec], "calib.npz")
+
+
 # --- Bad data: one line naming what is wrong, never a traceback (#16 items 8, 12, 13) ---
 
 
@@ -365,3 +410,16 @@ def test_cli_simplifies_and_inspects_sequence_models_and_refuses_bad_data(tmp_pa
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_without_pillow_the_hint_works_from_a_package_and_a_checkout(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    script = (
+        "import sys; sys.modules['PIL'] = None\n"
+        "from onnxopt.data import load_feeds\n"
+        "from onnxopt.test_models import builders\n"
+        f"load_feeds(builders.cnn(batch=1, size=16), {str(tmp_path)!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "FeedError: image folders need Pillow: pip install 'onnxopt[images]'" in done.stderr
+    assert "pip install -e '.[images]'" in done.stderr
