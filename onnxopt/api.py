@@ -1,4 +1,9 @@
-"""The Python API: the same operations as the CLI, returning result objects."""
+"""The Python API: the same operations as the CLI, returning result objects.
+
+Arguments have the CLI's names: `data` (a .npz file, a folder of them or of images,
+or a FeedSource) is `--data`, `shape` (`{"x": (1, 3, 640, 640)}` or the CLI's
+`"x=1x3x640x640"`) is `--shape`, and errors name them as `data=` and `shape=`.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,9 @@ from typing import Any
 
 import onnx
 
-from .bench import BenchResult, bench
-from .data import FeedSource, check_shapes, load_feeds, model_inputs
+from .bench import BenchResult
+from .bench import bench as _bench
+from .data import FeedSource, check_shapes, load_feeds, model_inputs, parse_shapes
 from .errors import OnnxoptError
 from .files import check_outputs, expand_reads, protected
 from .model import check_output_path, load_model, model_files, save_model
@@ -24,7 +30,10 @@ from .pass_api import (
 )
 from .pipeline import DEFAULT_PIPELINE, PipelineResult, check_pass_paths, optimize
 from .summary import ModelSummary, summarize
-from .verify import VerifyResult, verify
+from .verify import VerifyResult
+from .verify import verify as _verify
+
+Shape = Mapping[str, Sequence[int]] | str | Sequence[str] | None
 
 __all__ = [
     "DEFAULT_PIPELINE",
@@ -50,7 +59,7 @@ def optimize_file(
     *,
     passes: str = DEFAULT_PIPELINE,
     data: str | os.PathLike | FeedSource | None = None,
-    shapes: dict[str, tuple[int, ...]] | None = None,
+    shape: Shape = None,
     providers: str | Sequence[str] = ("cpu",),
     threads: int | None = None,
     seed: int = 0,
@@ -68,6 +77,7 @@ def optimize_file(
     quantize's `cache`, or the `reports` the caller will write afterwards) may be
     a file the run reads: the model, its external data or the `data` files.
     """
+    shapes = _shapes(shape)
     try:
         reads = model_files(model_path)
     except (OSError, OnnxoptError):
@@ -112,10 +122,52 @@ def optimize_file(
     return result
 
 
-def inspect(model: Any, shapes: dict[str, tuple[int, ...]] | None = None) -> ModelSummary:
+def inspect(model: Any, shape: Shape = None) -> ModelSummary:
     """Ops, parameters, MACs, size, opset, inputs and outputs of a model."""
     loaded = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    return summarize(loaded, shapes)
+    return summarize(loaded, _shapes(shape))
+
+
+def verify(
+    reference: Any,
+    candidate: Any,
+    data: str | os.PathLike | FeedSource | None = None,
+    *,
+    shape: Shape = None,
+    **options: Any,
+) -> VerifyResult:
+    """Compare `candidate` with `reference` in ORT on `data` (random feeds from the
+    reference's inputs without it); `options` are onnxopt.verify.verify's (rtol,
+    atol, budget, samples, per_layer, providers, ...)."""
+    source = os.fspath(data) if isinstance(data, os.PathLike) else data
+    return _verify(reference, candidate, source, shapes=_shapes(shape), **options)
+
+
+def bench(
+    models: Sequence[Any],
+    providers: str | Sequence[str] = ("cpu",),
+    *,
+    data: str | os.PathLike | FeedSource | None = None,
+    shape: Shape = None,
+    **options: Any,
+) -> BenchResult:
+    """Time `models` interleaved on each provider on `data` (random feeds without it);
+    `options` are onnxopt.bench.bench's (runs, warmup, threads, labels, ...)."""
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p]
+    source = os.fspath(data) if isinstance(data, os.PathLike) else data
+    return _bench(models, providers, feeds=source, shapes=_shapes(shape), **options)
+
+
+def _shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
+    """`shape` as {input: dims}: a mapping as it is, or the CLI's `x=1x3x640x640` text."""
+    if shape is None:
+        return {}
+    if isinstance(shape, str):
+        return parse_shapes([shape])
+    if isinstance(shape, Mapping):
+        return {name: tuple(int(d) for d in dims) for name, dims in shape.items()}
+    return parse_shapes(list(shape))
 
 
 def describe(name: str) -> dict[str, Any]:

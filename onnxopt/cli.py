@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import api, args_checks
 from .data import Feed, FeedSource, parse_shapes
-from .errors import FeedError, OnnxoptError, VerificationFailed
+from .errors import FeedError, OnnxoptError, VerificationFailed, speak_command_line
 from .files import output_file, write_error
 from .report import (
     Table,
@@ -252,7 +252,7 @@ def _optimize(args: argparse.Namespace) -> int:
             progress=report,
             passes=args.passes,
             data=_feeds(args, args.model),
-            shapes=shapes,
+            shape=shapes,
             providers=args.providers,
             threads=args.threads,
             seed=args.seed,
@@ -346,8 +346,8 @@ def _bench(args: argparse.Namespace) -> int:
         result = api.bench(
             args.models,
             providers,
-            feeds=_feeds(args, args.models[0]),
-            shapes=shapes,
+            data=_feeds(args, args.models[0]),
+            shape=shapes,
             threads=args.threads,
             warmup=args.warmup,
             runs=args.runs,
@@ -462,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread (main() called from a worker): leave it be
         previous = None
     try:
+        speak_command_line()
         args = build_parser().parse_args(argv)
         api.quiet_libraries()
         if args.quiet:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .errors import FeedError
+from .errors import FeedError, arg, on_command_line
 from .npz import Member, RowReader, read_members
 
 Dim = int | str | None
@@ -49,13 +49,21 @@ class InputSpec:
         return f"{self.name}: {self.dtype} [{dims}]"
 
     def shape_hint(self) -> str:
-        """The `--shape` a user would pass, the one spelling every message uses: a
-        dynamic batch as 1, other dynamic dims as N (`x=1x3xNxN`)."""
+        """The shape a user would pass, the one spelling every message uses: a dynamic
+        batch as 1, other dynamic dims as N; `--shape x=1x3xNxN` on the command line,
+        `shape={'x': (1, 3, N, N)}` in Python."""
         dims = [
             str(d) if isinstance(d, int) else "1" if i == 0 else "N"
             for i, d in enumerate(self.shape)
         ]
-        return f"{self.name}={'x'.join(dims)}"
+        return shape_arg(self.name, dims)
+
+
+def shape_arg(name: str, dims: Sequence[int | str]) -> str:
+    """A shape as the user passes it: `--shape x=1x3x8x8`, or `shape={'x': (1, 3, 8, 8)}`."""
+    if on_command_line():
+        return f"--shape {name}={'x'.join(map(str, dims))}"
+    return f"shape={{{name!r}: ({', '.join(map(str, dims))})}}"
 
 
 def type_text(tp: onnx.TypeProto) -> str:
@@ -147,7 +155,7 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], specs: Sequence[InputSpec])
     unknown = sorted(set(shapes) - set(names))
     if unknown:
         raise FeedError(
-            f"--shape names {', '.join(unknown)}, which the model does not take as input; "
+            f"{arg('shape')} names {', '.join(unknown)}, which the model does not take as input; "
             f"its inputs: {', '.join(names)}"
         )
     for spec in specs:
@@ -163,14 +171,13 @@ def bind_shape(spec: InputSpec, shapes: dict[str, tuple[int, ...]], batch: int =
             isinstance(d, int) and d != b for d, b in zip(spec.shape, bound, strict=False)
         ):
             raise FeedError(
-                f"--shape {spec.name}={'x'.join(map(str, bound))} does not fit the model's "
-                f"input {spec.describe()}"
+                f"{shape_arg(spec.name, bound)} does not fit the model's input {spec.describe()}"
             )
         return tuple(bound)
     dynamic = [i for i, d in enumerate(spec.shape) if not isinstance(d, int)]
     if any(i != 0 for i in dynamic):
         raise FeedError(
-            f"input {spec.describe()} has dynamic dims: pass --shape {spec.shape_hint()} "
+            f"input {spec.describe()} has dynamic dims: pass {spec.shape_hint()} "
             "with N set to your size"
         )
     return tuple(d if isinstance(d, int) else batch for d in spec.shape)
@@ -216,7 +223,7 @@ def _shape_fix(shape: tuple[int, ...], spec: InputSpec) -> str:
                 "it looks channels-last (NHWC): store array.transpose(0, 3, 1, 2), "
                 f"shape {list(nchw)}"
             )
-    return "fix the data or the --shape"
+    return f"fix the data or the {arg('shape')}"
 
 
 def check_finite(feed: Feed, source: str, first: int = 0, samples: int = 1) -> Feed:
@@ -307,7 +314,7 @@ class RandomFeeds(FeedSource):
             raise FeedError(
                 f"random data for input '{name}' [{dims}] would take {sizes[name] / 2**30:.3g} "
                 f"GiB a sample, over the {MAX_RANDOM_FEED_BYTES // 2**30} GiB bound: pass "
-                "--shape with smaller dims, or --data"
+                f"{arg('shape')} with smaller dims, or {arg('data')}"
             )
 
     def __iter__(self) -> Iterator[Feed]:
@@ -324,7 +331,7 @@ class RandomFeeds(FeedSource):
                     value = rng.integers(0, 2, shape).astype(bool)
                 else:
                     raise FeedError(
-                        f"cannot make random data for input {spec.describe()}: pass --data"
+                        f"cannot make random data for input {spec.describe()}: pass {arg('data')}"
                     )
                 feed[spec.name] = value
             yield feed
@@ -362,7 +369,7 @@ class NpzFeeds(FeedSource):
         elif self.path.is_file():
             self.files = [self.path]
         else:
-            raise FeedError(f"data path {self.path} does not exist: check --data")
+            raise FeedError(f"data path {self.path} does not exist: check {arg('data')}")
         self._layout = {file: self._read_layout(file) for file in self.files}
         total = sum(count for _, count in self._layout.values())
         self._count = total if limit is None else min(total, limit)

@@ -6,6 +6,25 @@ The CLI prints it as it is and exits non-zero; anything else escaping is a bug.
 
 from __future__ import annotations
 
+import contextvars
+
+# Who is asking: messages name arguments as that user writes them.
+_COMMAND_LINE = contextvars.ContextVar("onnxopt_command_line", default=False)
+
+
+def speak_command_line() -> None:
+    """From here on (in this context), messages name command-line flags: the CLI's start."""
+    _COMMAND_LINE.set(True)
+
+
+def arg(name: str) -> str:
+    """An argument as the user writes it: `--shape` on the command line, `shape=` in Python."""
+    return f"--{name.replace('_', '-')}" if _COMMAND_LINE.get() else f"{name}="
+
+
+def on_command_line() -> bool:
+    return _COMMAND_LINE.get()
+
 
 class OnnxoptError(Exception):
     """Base of every error a user can act on."""

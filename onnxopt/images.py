@@ -18,8 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Feed, FeedSource, InputSpec, bind_shape, check_feed, tensor_specs
-from .errors import FeedError
+from .data import (
+    Feed,
+    FeedSource,
+    InputSpec,
+    bind_shape,
+    check_feed,
+    shape_arg,
+    tensor_specs,
+)
+from .errors import FeedError, arg
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 PILLOW_HINT = (
@@ -53,7 +61,9 @@ class ImageFeeds(FeedSource):
         self.folder = Path(folder)
         self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
-            raise FeedError(f"folder {self.folder} holds no images or .npz files: check --data")
+            raise FeedError(
+                f"folder {self.folder} holds no images or .npz files: check {arg('data')}"
+            )
         spec = self.specs[0]
         shapes = dict(shapes or {})
         if spec.name not in shapes and len(spec.shape) == 4:
@@ -101,7 +111,7 @@ class ImageFeeds(FeedSource):
             (a, first), (b, second) = list(sizes.items())[:2]
             raise FeedError(
                 f"input {spec.describe()} takes any image size, and the images differ "
-                f"({first.name} is {a[0]}x{a[1]}, {second.name} {b[0]}x{b[1]}): pass --shape "
+                f"({first.name} is {a[0]}x{a[1]}, {second.name} {b[0]}x{b[1]}): pass "
                 f"{spec.shape_hint()} with the size to resize them to"
             )
         (height, width), _ = next(iter(sizes.items()))
@@ -111,12 +121,11 @@ class ImageFeeds(FeedSource):
             shape[0] = spec.shape[0]
         log.warning(
             "input %s: %dx%d (height x width) from the images, which all have that size; "
-            "--shape %s=%s resizes them to another",
+            "%s resizes them to another",
             spec.name,
             height,
             width,
-            spec.name,
-            "x".join(map(str, shape)),
+            shape_arg(spec.name, shape),
         )
         return tuple(shape)
 

@@ -31,11 +31,18 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import onnx_graphsurgeon as gs
 
-from .errors import OnnxoptError, PassError
+from .errors import OnnxoptError, PassError, arg
 
 ENTRY_POINT_GROUP = "onnxopt.passes"
-# How a pass that needs data says where it comes from, in the words of the CLI and the API.
-DATA_HINT = "pass --data (a .npz file, a folder of them, or a folder of images; data= in the API)"
+# How a pass that needs data says where it comes from (`data_hint()` in the user's words).
+DATA_SOURCES = "a .npz file, a folder of them, or a folder of images"
+
+
+def data_hint() -> str:
+    """`pass --data (...)` on the command line, `pass data= (...)` in Python."""
+    return f"pass {arg('data')} ({DATA_SOURCES})"
+
+
 MAX_REPEAT = 10
 
 log = logging.getLogger("onnxopt")
@@ -489,7 +496,7 @@ def describe_pass(cls: type[Pass]) -> dict[str, Any]:
 
 
 __all__ = [
-    "DATA_HINT",
+    "data_hint",
     "ENTRY_POINT_GROUP",
     "Group",
     "OnnxoptError",

@@ -51,7 +51,7 @@ class ModelSummary:
         if not self.macs_unknown:
             return f"{self.macs:,}"
         nodes = f"{self.macs_unknown} node{'s' * (self.macs_unknown > 1)}"
-        hint = f": pass --shape {' '.join(self.unbound)} (N: your size)" if self.unbound else ""
+        hint = f": pass {' '.join(self.unbound)} (N: your size)" if self.unbound else ""
         return f"unknown ({nodes} of unknown shape{hint}; {self.macs:,} counted)"
 
     def to_dict(self) -> dict[str, Any]:

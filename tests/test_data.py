@@ -59,7 +59,7 @@ def test_random_feeds_are_seeded_and_bound(dynamic_cnn) -> None:
 
 def test_random_feeds_need_shapes_for_inner_dynamic_dims() -> None:
     specs = model_inputs(_dynamic_hw_model())
-    with pytest.raises(FeedError, match=r"pass --shape image=1x3xNxN with N set"):
+    with pytest.raises(FeedError, match=r"pass shape=\{'image': \(1, 3, N, N\)\} with N set"):
         RandomFeeds(specs, 1)
     with pytest.raises(FeedError, match="does not fit"):
         RandomFeeds(specs, 1, shapes={"image": (1, 4, 8, 8)})
@@ -177,7 +177,7 @@ def test_image_size_comes_from_images_of_one_size(tmp_path: Path, caplog, layout
     shapes = {next(iter(f.values())).shape for f in feeds}
     assert shapes == {(1, 3, 24, 40) if layout == "NCHW" else (1, 24, 40, 3)}
     (said,) = [r.getMessage() for r in caplog.records]
-    assert "24x40 (height x width) from the images" in said and "--shape image=1x" in said
+    assert "24x40 (height x width) from the images" in said and "shape={'image': (1, " in said
     # --shape still wins, and resizes.
     given = {"image": (1, 3, 8, 8) if layout == "NCHW" else (1, 8, 8, 3)}
     resized = ImageFeeds(tmp_path, _any_size_spec(layout), shapes=given, layout=layout)
@@ -190,7 +190,9 @@ def test_images_of_several_sizes_need_a_shape_named_in_one_line(tmp_path: Path) 
     with pytest.raises(FeedError) as err:
         ImageFeeds(tmp_path, _any_size_spec())
     message = str(err.value)
-    assert "a.png is 24x40, b.png 30x30" in message and "--shape image=1x3xNxN" in message
+    assert (
+        "a.png is 24x40, b.png 30x30" in message and "pass shape={'image': (1, 3, N, N)}" in message
+    )
     assert "\n" not in message
 
 
@@ -202,7 +204,7 @@ def test_a_channels_last_array_gets_its_shape_and_the_transpose() -> None:
         check_feed({"x": np.zeros((4, 32, 32, 3), np.float32)}, [spec], "calib.npz")
     assert "has shape [4, 32, 32, 3]" in str(err.value)
     assert "transpose(0, 3, 1, 2), shape [4, 3, 32, 32]" in str(err.value)
-    with pytest.raises(FeedError, match=r"\[4, 5, 32, 32\] .*fix the data or the --shape"):
+    with pytest.raises(FeedError, match=r"\[4, 5, 32, 32\] .*fix the data or the shape="):
         check_feed({"x": np.zeros((4, 5, 32, 32), np.float32)}, [spec], "calib.npz")
 
 

@@ -81,9 +81,9 @@ def test_unbound_image_dims_leave_nodes_unknown_and_name_the_shape_to_pass() -> 
     # The Conv depends on h and w: unknown, not counted for a guessed 1x1 image. The
     # Gemm and MatMul after the global pool are counted.
     assert partial.macs_by_op == {"Gemm": 80, "MatMul": 40} and partial.macs_unknown == 1
-    assert partial.unbound == ["x=1x3xNxN"]
+    assert partial.unbound == ["shape={'x': (1, 3, N, N)}"]  # as the API takes it
     # Unknown, not a partial count that would read as the model's cost.
-    assert partial.macs_text.startswith("unknown (1 node of unknown shape: pass --shape x=1x3xNxN")
+    assert partial.macs_text.startswith("unknown (1 node of unknown shape: pass shape={'x': (1,")
     assert partial.macs_text.endswith("; 120 counted)")
     full = inspect(model, {"x": (1, 3, 16, 16)})
     assert full.unbound == [] and full.macs_unknown == 0
@@ -93,7 +93,7 @@ def test_unbound_image_dims_leave_nodes_unknown_and_name_the_shape_to_pass() -> 
 
 
 def test_shapes_that_name_no_input_or_do_not_fit_are_refused() -> None:
-    with pytest.raises(FeedError, match="--shape names y, .*its inputs: x"):
+    with pytest.raises(FeedError, match="shape= names y, .*its inputs: x"):
         inspect(hand_counted_model(), {"y": (1, 3, 16, 16)})
     with pytest.raises(FeedError, match="does not fit"):
         inspect(hand_counted_model(), {"x": (1, 4, 16, 16)})

@@ -38,7 +38,7 @@ import onnx
 from onnxopt.bench import bench
 from onnxopt.data import FeedSource
 from onnxopt.errors import PassError
-from onnxopt.pass_api import DATA_HINT
+from onnxopt.pass_api import data_hint
 from onnxopt.runtime import create_session, run
 from onnxopt.verify import ErrorStats
 
@@ -152,7 +152,7 @@ class FeedSlice(FeedSource):
 def split_feeds(feeds: Any, holdout: float) -> tuple[FeedSlice, FeedSlice]:
     """(calibration, held-out): the last `holdout` share of the samples is held out."""
     if feeds is None:
-        raise PassError(f"quantize with a target needs data: {DATA_HINT}")
+        raise PassError(f"quantize with a target needs data: {data_hint()}")
     try:
         count = len(feeds)
     except TypeError:

@@ -21,7 +21,7 @@ from onnxopt.data import FeedSource
 from onnxopt.errors import ModelError, PassError
 from onnxopt.graph import name_matches, to_graph, to_model
 from onnxopt.model import upgrade_opset
-from onnxopt.pass_api import DATA_HINT, PassContext
+from onnxopt.pass_api import PassContext, data_hint
 from onnxopt.runtime import trim_memory
 
 from . import prepare, rows
@@ -216,7 +216,7 @@ class StaticQuantizer:
                 return
         if feeds is None:
             raise PassError(
-                f"quantize needs calibration data: {DATA_HINT}; "
+                f"quantize needs calibration data: {data_hint()}; "
                 "or quantize(mode=dynamic) or quantize(weights=int4), which need none"
             )
         result = _calibrate(model or self.model, self.ctx, self.config, missing, feeds)
