@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="write the metrics as JSON")
     p.add_argument("--markdown", help="write the tables as Markdown")
+    p.add_argument("--budget", help="lossy verdict: e.g. cosine:0.99,top1:0.99 (implies --lossy)")
+    p.add_argument("--lossy", action=argparse.BooleanOptionalAction, help="override metadata")
+    p.add_argument("--map-threshold", type=float, default=0.3, help="probability maps (0.3)")
     _common(p)
 
     p = sub.add_parser("analyze", help="per-layer error of a quantized model, ranked")
@@ -254,9 +257,9 @@ def _verify(args: argparse.Namespace) -> int:
     shapes = parse_shapes(args.shape)
     reference = api.load_model(args.reference)
     api.load_model(args.candidate)
-    feeds = _feeds(args, args.reference) or api.load_feeds(
-        reference, None, shapes=shapes, count=args.samples, seed=args.seed
-    )
+    feeds = _feeds(args, args.reference)
+    if feeds is None:  # not `or`: an empty --data is an error, not a cue for random feeds
+        feeds = api.load_feeds(reference, None, shapes=shapes, count=args.samples, seed=args.seed)
     with _progress() as progress:
         result = api.verify(
             reference,
@@ -268,6 +271,9 @@ def _verify(args: argparse.Namespace) -> int:
             per_layer=args.per_layer,
             providers=args.providers.split(","),
             threads=args.threads,
+            lossy=args.lossy,
+            budget=args.budget,
+            map_threshold=args.map_threshold,
         )
     tables = verify_tables(result)
     _show(tables, args.quiet)
@@ -276,10 +282,13 @@ def _verify(args: argparse.Namespace) -> int:
     if args.markdown:
         write_text(args.markdown, render_markdown(tables))
     if not result.passed:
-        failed = [o.name for o in result.outputs if not o.passed(result.min_cosine)]
-        raise VerificationFailed(
-            f"outputs {failed} differ beyond rtol={args.rtol:g}, atol={args.atol:g}"
-        )
+        failed = [o.name for o in result.outputs if not result.judge(o)[0]]
+        if not result.lossy:
+            raise VerificationFailed(
+                f"outputs {failed} differ beyond rtol={args.rtol:g}, atol={args.atol:g}"
+            )
+        misses = "; ".join(m for o in result.outputs for m in result.judge(o)[1])
+        raise VerificationFailed(f"outputs {failed} miss the accuracy budget: {misses}")
     return 0
 
 
