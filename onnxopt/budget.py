@@ -43,11 +43,11 @@ TASK_METRICS = {"classes": ("top1", "top5"), "map": ("map",), "embedding": ("nn"
 # Measured in docs/accuracy.md ("Verify a lossy model"): good int8 models of PP-OCRv4 det,
 # the text-direction classifier and both digits models pass, every-scale-halved ones fail.
 DEFAULT_BUDGET: dict[str, float] = {
-    "cosine": 0.99,
-    "sqnr": 15.0,
+    "cosine": 0.95,
+    "sqnr": 10.0,
     "top1": 0.98,
     "top5": 0.99,
-    "map": 0.9,
+    "map": 0.85,
     "nn": 0.9,
 }
 MAP_THRESHOLD = 0.3
