@@ -203,7 +203,11 @@ def verify_tables(result: Any, max_layers: int = 20) -> list[Table]:
 def bench_tables(result: Any) -> list[Table]:
     table = Table(
         f"Latency, {result.runs} interleaved runs after {result.warmup} warm-up"
-        + (f", {result.threads} threads" if result.threads else ""),
+        + (
+            f", {result.threads} thread{'s' if result.threads != 1 else ''}"
+            if result.threads
+            else ""
+        ),
         ["model", "provider", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "speed-up"],
     )
     for t in result.timings:
@@ -216,7 +220,11 @@ def bench_tables(result: Any) -> list[Table]:
                 t.p99,
                 t.mean,
                 t.throughput,
-                f"{t.speedup:.2f}x" if t.speedup is not None else "-",
+                t.speedup_text,
             ]
         )
+    table.notes.append(
+        "samples/s and speed-up from the median; ≈1.0x: within the run-to-run spread "
+        "(the 95 % interval of the per-round ratio holds 1)"
+    )
     return [table]
