@@ -8,7 +8,7 @@ dequantized output are measured against the float model's value of the same tens
   Q->DQ after it), computed by N's copy in the shadow model (`shadow.py`).
 
 One ORT session runs the float model, every isolated copy and the quantized model
-together, and reduces each error to four double sums in the graph; only those scalars
+together, and reduces each error to three sums in the graph; only those scalars
 are read, samples share a run where the model's batch allows (`batching`), and memory
 holds one run's tensors. Nodes are ranked most sensitive first: lowest isolated SQNR,
 then lowest accumulated SQNR.
@@ -206,10 +206,11 @@ def analyze(
         for stats, sums in ((iso, built.isolated), (acc, built.accumulated)):
             for stat, probe_sums in zip(stats, sums, strict=True):
                 for pair in probe_sums:
-                    stat.dot += float(values[pair["dot"]])
-                    stat.ref_sq += float(values[pair["ref_sq"]])
-                    stat.cand_sq += float(values[pair["cand_sq"]])
-                    stat.err_sq += float(values[pair["err_sq"]])
+                    rr, cc, ee = (float(values[pair[k]]) for k in ("ref_sq", "cand_sq", "err_sq"))
+                    stat.ref_sq += rr
+                    stat.cand_sq += cc
+                    stat.err_sq += ee
+                    stat.dot += (rr + cc - ee) / 2
         count += batch.samples
         if progress is not None:
             progress(count, total)
