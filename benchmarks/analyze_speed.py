@@ -53,7 +53,8 @@ def main() -> int:
     print(f"analyze: {seconds:.1f} s ({seconds / calibration:.2f}x calibration)")
     print(f"merged_scalar_muls in quantize: {stats.get('merged_scalar_muls', 0)}")
     for e in found.layers[:3]:
-        print(f"  {e.node} ({e.op}): isolated {e.isolated_sqnr_db:.2f} dB, cos {e.isolated_cosine:.6f}")
+        sqnr, cosine = e.isolated_sqnr_db, e.isolated_cosine
+        print(f"  {e.node} ({e.op}): isolated {sqnr:.2f} dB, cosine {cosine:.6f}")
     odd = [
         e.node
         for e in found.layers

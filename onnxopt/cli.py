@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strict", action="store_true", help="fail instead of rolling a pass back")
     p.add_argument("--json", help="write the pass report as JSON")
+    p.add_argument("--report", help="also write the HTML report of the result (see 'report')")
     _common(p)
 
     p = sub.add_parser("verify", help="compare a candidate model's outputs with a reference")
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("quantized")
     p.add_argument("--json", help="write the ranking as JSON")
     p.add_argument("--html", help="write the tables and a plot as HTML")
+    p.add_argument("--top", type=int, default=20, help="rows on the terminal (JSON/HTML: all)")
     _common(p)
 
     p = sub.add_parser("bench", help="latency of models on execution providers, interleaved")
@@ -184,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also list the channel groups prune-channels sees, and why any is frozen",
     )
     p.add_argument("--json", help="write the summary as JSON")
+
+    p = sub.add_parser(
+        "report", help="one HTML page: passes, model diff, verify, per layer, latency"
+    )
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    p.add_argument("-o", "--output", required=True, help="the .html file to write")
+    p.add_argument("--runs", type=int, default=30, help="timed runs for the latency table")
+    _common(p)
 
     p = sub.add_parser("passes", help="list the available passes and their options")
     p.add_argument("--json", help="write the list as JSON")
@@ -250,6 +261,37 @@ def _optimize(args: argparse.Namespace) -> int:
     _show([*tables, compare], args.quiet)
     if args.json:
         write_json(args.json, result.to_dict())
+    if args.report:
+        _write_report(args, args.model, args.output, pipeline=result)
+    return 0
+
+
+def _write_report(args: argparse.Namespace, reference: str, candidate: str, **kw: Any) -> None:
+    from .proof import build_report
+
+    feeds = _feeds(args, reference)
+    if feeds is None:
+        model = api.load_model(reference)
+        feeds = api.load_feeds(model, None, shapes=parse_shapes(args.shape), count=args.samples)
+    with _progress() as progress:
+        progress.add_task("measuring the report", total=None)
+        page = build_report(
+            reference,
+            candidate,
+            feeds,
+            runs=getattr(args, "runs", 30),
+            threads=args.threads,
+            providers=[p for p in args.providers.split(",") if p],
+            shapes=parse_shapes(args.shape),
+            **kw,
+        )
+    write_text(getattr(args, "report", None) or args.output, page)
+
+
+def _report(args: argparse.Namespace) -> int:
+    _write_report(args, args.reference, args.candidate)
+    if not args.quiet:
+        console.print(f"report written to {args.output}", markup=False, highlight=False)
     return 0
 
 
@@ -295,8 +337,10 @@ def _verify(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from .analyze import analyze
 
+    if args.top < 1:
+        raise FeedError(f"--top takes a number of rows >= 1, got {args.top}")
     with _progress() as progress:
-        progress.add_task("analyzing", total=None)
+        task = progress.add_task("analyzing", total=None)
         result = analyze(
             args.reference,
             args.quantized,
@@ -306,9 +350,10 @@ def _analyze(args: argparse.Namespace) -> int:
             shapes=parse_shapes(args.shape),
             samples=args.samples,
             seed=args.seed,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
+    _show(result.tables(max_rows=args.top), args.quiet)
     tables = result.tables()
-    _show(tables, args.quiet)
     if args.json:
         write_json(args.json, result.to_dict())
     if args.html:
@@ -399,6 +444,7 @@ COMMANDS: dict[str, Any] = {
     "bench": _bench,
     "inspect": _inspect,
     "passes": _passes,
+    "report": _report,
     "demo": _demo,
 }
 
