@@ -248,15 +248,6 @@ def test_passes_lists_names_and_options(tmp_path: Path) -> None:
     assert listing["fold-constants"]["options"][0]["name"] == "size_threshold"
 
 
-def test_demo_optimizes_verifies_and_benches(tmp_path: Path) -> None:
-    result = onnxopt("demo", "--out-dir", tmp_path, "--runs", "5")
-    assert result.returncode == 0, result.stderr
-    original = onnx.load(tmp_path / "demo_cnn.onnx")
-    optimized = onnx.load(tmp_path / "demo_cnn.opt.onnx")
-    assert len(optimized.graph.node) < len(original.graph.node)
-    assert "Verify: PASS" in result.stdout and "speed-up" in result.stdout
-
-
 def test_verify_on_an_image_folder(model_dir: Path, tmp_path: Path) -> None:
     from PIL import Image
 
