@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +67,17 @@ class Section:
     verdict: bool | None = None
 
 
+def _breakable(text: str) -> str:
+    """Escaped text with break chances inside long tokens (dims, dotted node names)."""
+    out = []
+    for token in re.split(r"(\s+)", text):
+        token = html.escape(token)
+        if len(token) > 24:
+            token = re.sub(r"([./_\]\[x:,])", r"\1<wbr>", token)
+        out.append(token)
+    return "".join(out)
+
+
 def _cell(value: object) -> str:
     text = html.escape(fmt(value))
     if isinstance(value, bool) or value is None:
@@ -78,7 +90,7 @@ def _cell(value: object) -> str:
         return f'<td class="pass">{text}</td>'
     if low.startswith("fail"):
         return f'<td class="fail">{text}</td>'
-    return f"<td>{text}</td>"
+    return f"<td>{_breakable(fmt(value))}</td>"
 
 
 def table_html(table: Table) -> str:
