@@ -12,7 +12,13 @@ import onnx
 from .bench import BenchResult, bench
 from .data import FeedSource, check_shapes, load_feeds, model_inputs
 from .model import check_output_path, load_model, save_model
-from .pass_api import PassContext, available_groups, available_passes, describe_pass
+from .pass_api import (
+    PassContext,
+    available_groups,
+    available_passes,
+    describe_pass,
+    get_pass,
+)
 from .pipeline import DEFAULT_PIPELINE, PipelineResult, optimize
 from .summary import ModelSummary, summarize
 from .verify import VerifyResult, verify
@@ -92,6 +98,11 @@ def inspect(model: Any, shapes: dict[str, tuple[int, ...]] | None = None) -> Mod
     return summarize(loaded, shapes)
 
 
+def describe(name: str) -> dict[str, Any]:
+    """One pass in full: its summary, its docstring (the rules) and each option's help."""
+    return describe_pass(get_pass(name))
+
+
 def list_passes() -> list[dict[str, Any]]:
     """Every pass with its one-line summary and typed options, then the named groups."""
     listing = [describe_pass(cls) for cls in available_passes().values()]
@@ -108,5 +119,5 @@ def quiet_libraries() -> None:
     from onnx_graphsurgeon.logger import G_LOGGER
 
     G_LOGGER.severity = G_LOGGER.ERROR
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)
     logging.getLogger("onnxopt").setLevel(logging.WARNING)

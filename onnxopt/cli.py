@@ -122,8 +122,24 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+class _Version(argparse.Action):
+    """Print onnxopt's version with the onnx and ORT it runs on (what a bug report needs),
+    importing them only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib import metadata
+
+        import onnx
+        import onnxruntime
+
+        version = f"onnxopt {metadata.version('onnxopt')} (onnx {onnx.__version__}, "
+        print(version + f"onnxruntime {onnxruntime.__version__})")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxopt", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the versions and exit")
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     sub = _Subcommands(
@@ -196,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=30, help="timed runs for the latency table")
     _common(p)
 
-    p = sub.add_parser("passes", help="list the available passes and their options")
+    p = sub.add_parser("passes", help="list the available passes, or show one in full")
+    p.add_argument("name", nargs="?", help="a pass: its rules and every option")
     p.add_argument("--json", help="write the list as JSON")
 
     p = sub.add_parser("demo", help="simplify, quantize and prune the digits models; the proof")
@@ -418,14 +435,37 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _passes(args: argparse.Namespace) -> int:
     listing = api.list_passes()
-    table = Table("Passes", ["name", "what it does", "options"])
-    for item in listing:
-        options = ", ".join(f"{o['name']}: {o['type']} = {o['default']!r}" for o in item["options"])
-        table.rows.append([item["name"], item["summary"], options or "-"])
-    _show([table], args.quiet)
+    if args.name:
+        item = api.describe(args.name)
+        columns = ["group", "option", "type", "default", "what it does"]
+        tables = [Table(f"{item['name']}: {item['summary']}", columns)]
+        group = None
+        for option in item["options"]:
+            default = "unset" if option["default"] is None else fmt_option(option["default"])
+            shown = option["group"] if option["group"] != group else ""
+            group = option["group"]
+            tables[0].rows.append([shown, option["name"], option["type"], default, option["help"]])
+        if not args.quiet:
+            console.print(item["description"], markup=False, highlight=False)
+        listing = [item]
+    else:
+        tables = [Table("Passes (onnxopt passes NAME shows one in full)", ["name", "what it does"])]
+        for item in listing:
+            options = ", ".join(o["name"] for o in item["options"])
+            tables[0].rows.append(
+                [item["name"], item["summary"] + (f" Options: {options}." if options else "")]
+            )
+    _show(tables, args.quiet)
     if args.json:
         write_json(args.json, {"passes": listing})
     return 0
+
+
+def fmt_option(value: Any) -> str:
+    """An option value as a spec writes it: lists in brackets, booleans lower case."""
+    if isinstance(value, list):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -39,6 +39,15 @@ class InputSpec:
         dims = "x".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape)
         return f"{self.name}: {self.dtype} [{dims}]"
 
+    def shape_hint(self) -> str:
+        """The `--shape` a user would pass, the one spelling every message uses: a
+        dynamic batch as 1, other dynamic dims as N (`x=1x3xNxN`)."""
+        dims = [
+            str(d) if isinstance(d, int) else "1" if i == 0 else "N"
+            for i, d in enumerate(self.shape)
+        ]
+        return f"{self.name}={'x'.join(dims)}"
+
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The inputs a caller must feed (initializers listed as inputs are left out)."""
@@ -104,8 +113,8 @@ def bind_shape(spec: InputSpec, shapes: dict[str, tuple[int, ...]], batch: int =
     dynamic = [i for i, d in enumerate(spec.shape) if not isinstance(d, int)]
     if any(i != 0 for i in dynamic):
         raise FeedError(
-            f"input {spec.describe()} has dynamic dims: pass --shape "
-            f"{spec.name}={'x'.join(str(d) if isinstance(d, int) else 'N' for d in spec.shape)}"
+            f"input {spec.describe()} has dynamic dims: pass --shape {spec.shape_hint()} "
+            "with N set to your size"
         )
     return tuple(d if isinstance(d, int) else batch for d in spec.shape)
 

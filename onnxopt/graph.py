@@ -8,7 +8,9 @@ bypass a node) while keeping graph output names stable.
 
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -64,7 +66,38 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.Model
         for entry in like.opset_import:
             if entry.domain not in known and entry.domain not in DEFAULT_DOMAINS:
                 model.opset_import.append(entry)
+    _declare_initializers(model)
     return model
+
+
+def _declare_initializers(model: onnx.ModelProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too; GraphSurgeon drops those.
+
+    The main graph lists them again (the model keeps its IR version and what old
+    runtimes expect); a subgraph's inputs are positional, so a subgraph initializer
+    raises the IR version to 4 instead.
+    """
+    if model.ir_version >= 4:
+        return
+    graph = model.graph
+    declared = {vi.name for vi in graph.input}
+    for tensor in graph.initializer:
+        if tensor.name not in declared:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+            declared.add(tensor.name)
+
+    def subgraph_initializers(g: onnx.GraphProto) -> bool:
+        for node in g.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    if sub.initializer or subgraph_initializers(sub):
+                        return True
+        return False
+
+    if subgraph_initializers(graph):
+        model.ir_version = 4
 
 
 def _export(graph: gs.Graph) -> onnx.ModelProto:
@@ -262,6 +295,12 @@ def unique_name(base: str, taken: set[str]) -> str:
         name, index = f"{base}_{index}", index + 1
     taken.add(name)
     return name
+
+
+def name_matches(name: str | None, patterns: Iterable[str]) -> bool:
+    """Whether `name` matches any of the glob `patterns` (`conv*`, `/blocks/*/MatMul`):
+    how every pass option that names nodes reads its patterns."""
+    return any(fnmatch.fnmatchcase(name or "", p) for p in patterns)
 
 
 def all_graphs(graph: gs.Graph) -> list[gs.Graph]:

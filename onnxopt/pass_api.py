@@ -15,7 +15,9 @@ options; `{a,b}` repeats a group until no pass in it changes the graph.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import importlib
 import inspect
 import logging
@@ -25,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import onnx_graphsurgeon as gs
 
@@ -75,13 +77,41 @@ class PassResult:
 
 
 @dataclass(frozen=True)
+class Option:
+    """What an option does, for `onnxopt passes NAME`: `x: Annotated[int, Option("...")] = 1`.
+
+    `group` gathers the options of a pass with many (calibration, placement, ...).
+    """
+
+    help: str
+    group: str = ""
+
+
+@dataclass(frozen=True)
 class OptionSpec:
     name: str
     type: Any
     default: Any
+    help: str = ""
+    group: str = ""
 
     def describe(self) -> str:
         return f"{self.name}: {type_name(self.type)} = {self.default!r}"
+
+
+def _option_spec(name: str, hint: Any, default: Any) -> OptionSpec:
+    """The spec of one option; an `Annotated[type, Option(...)]` hint gives its help."""
+    if typing.get_origin(hint) is Annotated:
+        base, *extras = typing.get_args(hint)
+        info = next((e for e in extras if isinstance(e, Option)), Option(""))
+        return OptionSpec(name, base, default, info.help, info.group)
+    return OptionSpec(name, hint, default)
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """' (did you mean X?)' for the closest of `choices`, or ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class Pass:
@@ -94,17 +124,18 @@ class Pass:
         for key, value in options.items():
             if key not in specs:
                 raise PassError(
-                    f"pass '{self.name}' has no option '{key}'; options: "
-                    f"{', '.join(o.describe() for o in specs.values()) or 'none'}"
+                    f"pass '{self.name}' has no option '{key}'{did_you_mean(key, list(specs))}; "
+                    f"options: {', '.join(specs) or 'none'} (onnxopt passes {self.name})"
                 )
             setattr(self, key, coerce(self.name, specs[key], value))
         for key, spec in specs.items():
             if key not in options:
-                setattr(self, key, spec.default)
+                # A copy: a list default is never shared between instances.
+                setattr(self, key, copy.copy(spec.default))
 
     @classmethod
     def options(cls) -> list[OptionSpec]:
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         specs = []
         for klass in reversed(cls.__mro__):
             for key in getattr(klass, "__annotations__", {}):
@@ -112,7 +143,7 @@ class Pass:
                     continue
                 if hints[key] is ClassVar or key in {s.name for s in specs}:
                     continue
-                specs.append(OptionSpec(key, hints[key], getattr(cls, key, None)))
+                specs.append(_option_spec(key, hints[key], getattr(cls, key, None)))
         return specs
 
     @classmethod
@@ -194,7 +225,7 @@ def _check_name(name: str | None) -> None:
 
 def _function_pass(func: Callable[..., PassResult], name: str | None) -> type[Pass]:
     sig = inspect.signature(func)
-    hints = typing.get_type_hints(func)
+    hints = typing.get_type_hints(func, include_extras=True)
     params = list(sig.parameters.values())
     if len(params) < 2 or params[0].kind == params[0].KEYWORD_ONLY:
         raise PassError(f"pass function {func.__name__} must take (graph, ctx, *, options...)")
@@ -262,7 +293,9 @@ def get_pass(name: str) -> type[Pass]:
     passes = available_passes()
     if name not in passes:
         valid = sorted([*passes, *_ALIASES])
-        raise PassError(f"unknown pass '{name}'; available: {', '.join(valid)}")
+        raise PassError(
+            f"unknown pass '{name}'{did_you_mean(name, valid)}; available: {', '.join(valid)}"
+        )
     return passes[name]
 
 
@@ -295,7 +328,7 @@ def _parse_list(text: str, pos: int, closing: str | None) -> tuple[list[Step], i
             name = text[start:pos].strip()
             if not name:
                 raise PassError(f"missing pass name at position {start} of '{text}'")
-            options: dict[str, str] = {}
+            options: dict[str, str | list[str]] = {}
             pos = _skip(text, pos)
             if pos < len(text) and text[pos] == "(":
                 end = text.find(")", pos)
@@ -323,17 +356,40 @@ def _skip(text: str, pos: int) -> int:
     return pos
 
 
-def _parse_options(name: str, body: str) -> dict[str, str]:
-    options: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in body.split(","))):
+def _parse_options(name: str, body: str) -> dict[str, str | list[str]]:
+    """`k=v,k2=[a,b]` into a dict; a list is in brackets (or `|`-separated: `k2=a|b`)."""
+    options: dict[str, str | list[str]] = {}
+    for part in filter(None, (p.strip() for p in _split_top(body, name))):
         key, sep, value = part.partition("=")
         if not sep:
-            raise PassError(f"option '{part}' of '{name}' must be key=value")
-        options[key.strip()] = value.strip()
+            raise PassError(
+                f"option '{part}' of '{name}' must be key=value; "
+                f"a list goes in brackets: {name}(exclude_ops=[Conv,Mul])"
+            )
+        value = value.strip()
+        if value.startswith("[") and value.endswith("]"):
+            options[key.strip()] = [v.strip() for v in value[1:-1].split(",") if v.strip()]
+        else:
+            options[key.strip()] = value
     return options
 
 
-def _instantiate(name: str, options: dict[str, str]) -> list[Step]:
+def _split_top(body: str, name: str) -> list[str]:
+    """Split at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(body):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0:
+            break
+        if char == "," and depth == 0:
+            parts.append(body[start:i])
+            start = i + 1
+    if depth != 0:
+        raise PassError(f"unbalanced '[' or ']' in the options of '{name}': '{body}'")
+    return [*parts, body[start:]]
+
+
+def _instantiate(name: str, options: dict[str, str | list[str]]) -> list[Step]:
     if name in _ALIASES and name not in _REGISTRY:
         if options:
             raise PassError(f"'{name}' stands for '{_ALIASES[name][0]}' and takes no options")
@@ -425,6 +481,7 @@ def describe_pass(cls: type[Pass]) -> dict[str, Any]:
     return {
         "name": cls.name,
         "summary": cls.summary(),
+        "description": inspect.getdoc(cls) or "",
         "options": [dataclasses.asdict(o) | {"type": type_name(o.type)} for o in cls.options()],
     }
 
@@ -433,6 +490,8 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "Group",
     "OnnxoptError",
+    "Option",
+    "OptionSpec",
     "Pass",
     "PassContext",
     "PassResult",
@@ -440,6 +499,7 @@ __all__ = [
     "available_groups",
     "available_passes",
     "describe_pass",
+    "did_you_mean",
     "get_pass",
     "parse_spec",
     "register_group",

@@ -9,6 +9,7 @@ the pipeline stops with a PassError instead.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Sequence
@@ -224,7 +225,9 @@ class Pipeline:
         if error is not None:
             if self.strict:
                 raise PassError(f"pass '{step.name}' broke the model and --strict is set: {error}")
-            ctx.logger.warning("pass %s rolled back: %s", step.name, error)
+            _rollback_logger(ctx.logger).warning(
+                "pass %s rolled back: %s", step.name, " ".join(error.split())
+            )
             records.append(
                 PassRecord(
                     step.name,
@@ -300,6 +303,19 @@ def _json_list(text: str | None) -> list[Any]:
     except ValueError:
         return []
     return value if isinstance(value, list) else []
+
+
+def _rollback_logger(logger: logging.Logger) -> logging.Logger:
+    """The logger a rollback goes to: a child with its own level, so that it is always said.
+
+    `-q` (or any caller) quiets the `onnxopt` logger to errors; a rolled-back pass
+    is not an error (`--strict` makes it one) but the user must still learn that
+    the output lacks that pass, so its child logger keeps warnings: one line each.
+    """
+    child = logger.getChild("rollback")
+    if child.level == logging.NOTSET:
+        child.setLevel(logging.WARNING)
+    return child
 
 
 def optimize(

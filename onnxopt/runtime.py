@@ -11,9 +11,13 @@ nothing else adds graph outputs to look inside a model.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
+import platform
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +52,40 @@ FLOAT_TYPES = {
     onnx.TensorProto.DOUBLE,
     onnx.TensorProto.BFLOAT16,
 }
+
+
+@cache
+def int8_pair_sums_saturate() -> bool:
+    """Whether ORT's CPU integer kernels on this machine can saturate uint8 x int8 products.
+
+    On x86-64 without VNNI, ORT multiplies uint8 activations by int8 weights with
+    VPMADDUBSW, which adds two products into a saturating int16: 255 * 127 * 2 does
+    not fit, and outputs come out wrong. VNNI instructions (AVX512-VNNI, AVX-VNNI)
+    accumulate in int32, and so do ARM's dot products. Where the CPU's flags cannot be
+    read (no /proc/cpuinfo), an x86 machine is taken to lack VNNI.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return True
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
+    return not ({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
+def trim_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS.
+
+    Freed protobuf and numpy buffers stay resident in glibc's arenas; without a
+    trim the calibration session's allocations pile on top of them and the peak
+    grows by a model's worth of weights or more. A no-op off glibc.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def available_providers() -> list[str]:
@@ -89,7 +127,9 @@ def session_options(
 ) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPT_LEVELS[optimization]
-    options.log_severity_level = 3
+    # FATAL only: ORT logs a failed load or run at ERROR level, in colour, over several
+    # lines, and then raises; the user gets that exception as one line of ours instead.
+    options.log_severity_level = 4
     options.enable_mem_pattern = memory_pattern
     if threads:
         options.intra_op_num_threads = threads

@@ -46,14 +46,13 @@ class ModelSummary:
 
     @property
     def macs_text(self) -> str:
-        """The MAC count with what it leaves out: nodes of unknown shape, and the --shape
-        that would count them."""
-        text = f"{self.macs:,}"
-        if self.macs_unknown:
-            nodes = f"{self.macs_unknown} node{'s' * (self.macs_unknown > 1)}"
-            hint = f"; pass --shape {' '.join(self.unbound)}" if self.unbound else ""
-            text += f" (+ {nodes} of unknown shape{hint})"
-        return text
+        """The MAC count, or "unknown" with the --shape that would count it when nodes
+        depend on dims nobody bound (a partial sum would read as the model's cost)."""
+        if not self.macs_unknown:
+            return f"{self.macs:,}"
+        nodes = f"{self.macs_unknown} node{'s' * (self.macs_unknown > 1)}"
+        hint = f": pass --shape {' '.join(self.unbound)} (N: your size)" if self.unbound else ""
+        return f"unknown ({nodes} of unknown shape{hint}; {self.macs:,} counted)"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,9 +91,7 @@ def _shape_map(
             dims = tuple(
                 1 if i == 0 and not isinstance(d, int) else d for i, d in enumerate(declared)
             )
-            unbound.append(
-                f"{vi.name}={'x'.join(str(d) if isinstance(d, int) else 'N' for d in dims)}"
-            )
+            unbound.append(specs[vi.name].shape_hint())
         for dim, value in zip(vi.type.tensor_type.shape.dim, dims, strict=True):
             if isinstance(value, int):
                 dim.Clear()
@@ -185,6 +182,7 @@ def summarize(
             else:
                 macs_by_op[node.op_type] += macs
     tensors = [*model.graph.initializer, *_constant_tensors(model.graph)]
+    fed = {s.name for s in model_inputs(model)}
     params = sum(int(np.prod(t.dims)) for t in tensors)
     param_bytes = sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in tensors)
     return ModelSummary(
@@ -197,8 +195,8 @@ def summarize(
         ir_version=model.ir_version,
         macs=sum(macs_by_op.values()),
         macs_unknown=unknown,
-        inputs=[s.describe() for s in model_inputs(model)],
-        outputs=[_describe_output(o) for o in model.graph.output],
+        inputs=[_describe_value(i) for i in model.graph.input if i.name in fed],
+        outputs=[_describe_value(o) for o in model.graph.output],
         macs_by_op=dict(macs_by_op),
         unbound=unbound,
     )
@@ -215,10 +213,16 @@ def _constant_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     ]
 
 
-def _describe_output(vi: onnx.ValueInfoProto) -> str:
+def _describe_value(vi: onnx.ValueInfoProto) -> str:
+    """`name: dtype [batchx3x?x?]`: a symbolic dim keeps a short name (8 characters at
+    most, such as batch or seq) and is `?` otherwise (p2o.DynamicDimension.0)."""
     tensor_type = vi.type.tensor_type
     dims = "x".join(
-        str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+        str(d.dim_value)
+        if d.HasField("dim_value")
+        else d.dim_param
+        if d.dim_param.isidentifier() and len(d.dim_param) <= 8
+        else "?"
         for d in tensor_type.shape.dim
     )
     dtype = (

@@ -6,10 +6,10 @@ from collections import Counter
 
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import int_list, is_default
+from onnxopt.graph import int_list, is_absent, is_default
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
 
-from .simplify_rules.common import all_graphs, reroute, tidy, toposort
+from .simplify_rules.common import all_graphs, is_read, reroute, tidy, toposort, unwritable
 from .simplify_rules.dedup import dedup_initializers, eliminate_common_subexpressions
 from .simplify_rules.noops import no_op_source
 from .simplify_rules.shapes import ShapeTable
@@ -40,6 +40,9 @@ class Cleanup(Pass):
     Shapes come from onnx shape inference; when a dimension is unknown the rule
     that needs it does not apply. A no-op whose output is a graph output is
     removed only when its input can take the output's name; otherwise it stays.
+    A node output that is a graph output counts as read (a Dropout's mask, a
+    no-op's second output). A model GraphSurgeon cannot write back
+    (optional-typed values) is left alone (unwritable).
     """
 
     name = "cleanup"
@@ -48,6 +51,11 @@ class Cleanup(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()
+        reason = unwritable(graph)
+        if reason:
+            return PassResult(
+                changed=False, stats={"unwritable": 1}, notes=[f"model left alone: {reason}"]
+            )
         before = _count(graph)
         constants_before = _constants(graph)
         table: ShapeTable | None = None
@@ -76,6 +84,8 @@ class Cleanup(Pass):
         for node in list(graph.nodes):
             if not node.outputs or not is_default(node):
                 continue
+            if any(not is_absent(t) and is_read(graph, t) for t in node.outputs[1:]):
+                continue  # a second output someone reads (a Dropout mask) keeps the node
             source = no_op_source(node, table)
             if source is not None and reroute(graph, node.outputs[0], source):
                 node.outputs.clear()

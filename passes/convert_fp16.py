@@ -22,14 +22,11 @@ Rules:
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Iterable
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import constant_value, to_model
+from onnxopt.graph import constant_value, name_matches, to_model
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
 
 from .quantize.prepare import lift_constant_nodes
@@ -75,10 +72,6 @@ TYPE_BOUND_OPS = {
     "Constant",
 }
 FP16_MAX = float(np.finfo(np.float16).max)
-
-
-def _matches(node: gs.Node, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(node.name or "", p) for p in patterns)
 
 
 def _float32_types(graph: gs.Graph) -> set[str]:
@@ -129,7 +122,7 @@ class ConvertFp16(Pass):
             for n in graph.nodes
             if n.op not in keep
             and n.domain in (None, "", "ai.onnx")
-            and not _matches(n, self.keep_nodes)
+            and not name_matches(n.name, self.keep_nodes)
             and not any(isinstance(v, gs.Graph) for v in n.attrs.values())
             and any(t.name in float32 for t in [*n.inputs, *n.outputs] if t is not None)
             and not _out_of_range(n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -11,10 +12,17 @@ import onnx_graphsurgeon as gs
 from onnxopt.graph import constant_value, is_absent, is_default, is_graph_output, subgraphs
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
 
-from .simplify_rules.common import RANDOM_OPS, all_names, has_subgraph, replace_with_constant, tidy
+from .simplify_rules.common import (
+    RANDOM_OPS,
+    all_names,
+    has_subgraph,
+    replace_with_constant,
+    tidy,
+    unwritable,
+)
 from .simplify_rules.evaluate import evaluate
 from .simplify_rules.inline_if import inline_constant_ifs
-from .simplify_rules.shapes import ShapeTable, constant_nbytes
+from .simplify_rules.shapes import ShapeTable, constant_nbytes, np_dtype
 from .simplify_rules.static_shapes import fold_reshape_targets, fold_static_shapes
 
 # Ops whose outputs can be far larger than their inputs: folding them is where models bloat.
@@ -59,14 +67,25 @@ class FoldConstants(Pass):
       initializers; the nodes behind them disappear;
     - If nodes whose condition is constant, which are replaced by the branch
       they always take.
+    - Range reads its bounds as scalars: a one-element constant bound of rank 1
+      or more becomes a scalar (ORT takes both, the onnx checker only scalars;
+      folding can make a [1]-shaped value visible to it).
     Leaves alone, and says so in its counts:
+    - a computation that would allocate more than `max_bytes`: the bytes of the
+      outputs of every node it runs, summed, are estimated from inferred shapes
+      (or from the constant shape inputs of ConstantOfShape, Expand, Tile and
+      Range) before anything runs; the node where the sum passes the budget
+      stays, and what it reads may still fold (kept_memory). Such a generator
+      whose output size cannot be estimated stays too (kept_unknown_size);
     - a folded tensor larger than `size_threshold` bytes (kept_large);
     - a folded tensor that adds more than `growth_limit` bytes beyond the
       constants it is computed from, as ConstantOfShape, Expand, Tile or Range
       outputs typically would (kept_growth): the model must not grow;
     - nodes of other domains (custom ops, com.microsoft), random ops, Dropout,
       QuantizeLinear/DequantizeLinear, and control-flow nodes themselves;
-    - anything ONNX Runtime fails to compute (eval_failures).
+    - anything ONNX Runtime fails to compute (eval_failures);
+    - a model GraphSurgeon cannot write back (optional-typed values, an Optional
+      node without input): nothing is changed (unwritable).
     Graph outputs keep their names: a graph output that turns out constant is
     written by a Constant node.
     """
@@ -75,9 +94,15 @@ class FoldConstants(Pass):
     size_threshold: int = 64 * 2**20
     growth_limit: int = 1024
     fold_shapes: bool = True
+    max_bytes: int = 256 * 2**20
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()
+        reason = unwritable(graph)
+        if reason:
+            return PassResult(
+                changed=False, stats={"unwritable": 1}, notes=[f"model left alone: {reason}"]
+            )
         opsets = [onnx.helper.make_opsetid("", graph.opset)]
         opsets += [
             onnx.helper.make_opsetid(d.domain, d.version)
@@ -103,6 +128,11 @@ class FoldConstants(Pass):
                 f"left {stats['kept_growth'] + stats['kept_large']} constant tensors unfolded "
                 f"because folding them would grow the model (growth_limit={self.growth_limit}, "
                 f"size_threshold={self.size_threshold} bytes)"
+            )
+        if stats["kept_memory"] or stats["kept_unknown_size"]:
+            notes.append(
+                f"left {stats['kept_memory'] + stats['kept_unknown_size']} computations unfolded "
+                f"because they could allocate more than max_bytes={self.max_bytes} bytes"
             )
         if stats["eval_failures"]:
             notes.append(f"ONNX Runtime could not compute {stats['eval_failures']} tensors")
@@ -135,6 +165,9 @@ class FoldConstants(Pass):
         inlined = inline_constant_ifs(graph, root)
         stats["ifs_inlined"] += inlined
         done += inlined
+        scalars = _scalar_range_bounds(graph)
+        stats["range_bounds_scalar"] += scalars
+        done += scalars
         for sub in subgraphs(graph):
             done += self._fold_graph(sub, root, tables, opsets, ctx, stats, kept)
         return done
@@ -156,6 +189,17 @@ class FoldConstants(Pass):
                 break
             frontier = _frontier(graph, foldable)
             cones = {name: _cone(tensor, foldable) for name, tensor in frontier.items()}
+            costs: dict[str, int] = {}
+            heavy: dict[int, tuple[gs.Node, str]] = {}
+            for name, cone in cones.items():
+                costs[name], over = self._cost(cone, tables.get())
+                if over is not None:
+                    heavy[id(over[0])] = over
+            if heavy:
+                # Too big to compute: that node stays; what feeds it may still fold.
+                excluded.update(heavy)
+                kept.update({n.outputs[0].name: reason for n, reason in heavy.values()})
+                continue
             refused = {
                 name: reason
                 for name, tensor in frontier.items()
@@ -166,7 +210,16 @@ class FoldConstants(Pass):
             kept.update(refused)
             if refused:
                 continue
-            values, failed = evaluate(cones, frontier, opsets, ctx.threads)
+            values, failed = {}, []
+            for batch in _batches(list(frontier), costs, self.max_bytes):
+                got, lost = evaluate(
+                    {n: cones[n] for n in batch},
+                    {n: frontier[n] for n in batch},
+                    opsets,
+                    ctx.threads,
+                )
+                values.update(got)
+                failed.extend(lost)
             for name in failed:
                 kept[name] = "eval_failures"
                 excluded.add(id(frontier[name].inputs[0]))
@@ -194,6 +247,27 @@ class FoldConstants(Pass):
         if size > max(self.growth_limit, _leaf_bytes(cone)):
             return "kept_growth"
         return ""
+
+    def _cost(
+        self, cone: list[gs.Node], table: ShapeTable
+    ) -> tuple[int, tuple[gs.Node, str] | None]:
+        """Estimated bytes the cone's nodes write, and the node that breaks the budget."""
+        total = 0
+        for node in cone:
+            for out in node.outputs:
+                if is_absent(out):
+                    continue
+                size = table.nbytes(out)
+                if size is None:
+                    size = _generator_bytes(node, out, table)
+                if size is None:
+                    if node.op in GENERATORS:
+                        return total, (node, "kept_unknown_size")
+                    continue
+                total += size
+                if total > self.max_bytes:
+                    return total, (node, "kept_memory")
+        return total, None
 
     def _refusal_by_value(self, value: np.ndarray, cone: list[gs.Node]) -> str:
         if value.nbytes > self.size_threshold:
@@ -285,6 +359,77 @@ def _cone(tensor: gs.Tensor, foldable: dict[int, gs.Node]) -> list[gs.Node]:
         stack.extend(t for t in node.inputs if not isinstance(t, gs.Constant) and not is_absent(t))
     order = {id(n): i for i, n in enumerate(foldable.values())}
     return sorted(seen.values(), key=lambda n: order[id(n)])
+
+
+def _batches(names: list[str], costs: dict[str, int], budget: int) -> list[list[str]]:
+    """Group the tensors to compute so that no one session holds more than the budget."""
+    batches: list[list[str]] = []
+    current: list[str] = []
+    total = 0
+    for name in names:
+        if current and total + costs[name] > budget:
+            batches.append(current)
+            current, total = [], 0
+        current.append(name)
+        total += costs[name]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _generator_bytes(node: gs.Node, out: gs.Tensor, table: ShapeTable) -> int | None:
+    """Output bytes of ConstantOfShape/Expand/Tile/Range from their constant inputs."""
+    dtype = table.dtype(out)
+    values = [None if is_absent(t) else constant_value(t) for t in node.inputs]
+    try:
+        if node.op == "ConstantOfShape" and values and values[0] is not None:
+            value = node.attrs.get("value")
+            itemsize = np_dtype(value.dtype).itemsize if isinstance(value, gs.Constant) else 4
+            return int(np.prod(values[0].astype(np.float64))) * itemsize
+        if dtype is None:
+            return None
+        if node.op == "Expand" and len(values) == 2 and values[1] is not None:
+            data = table.static_shape(node.inputs[0])
+            if data is None:
+                return None
+            shape = np.broadcast_shapes(tuple(data), tuple(int(d) for d in values[1]))
+            return int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        if node.op == "Tile" and len(values) == 2 and values[1] is not None:
+            data = table.static_shape(node.inputs[0])
+            if data is None or len(data) != values[1].size:
+                return None
+            count = np.prod(np.asarray(data, np.float64) * values[1].astype(np.float64))
+            return int(count) * dtype.itemsize
+        if node.op == "Range" and len(values) == 3 and all(v is not None for v in values):
+            start, limit, delta = (float(np.asarray(v).reshape(-1)[0]) for v in values)
+            if delta == 0:
+                return None
+            return max(0, math.ceil((limit - start) / delta)) * dtype.itemsize
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return None
+
+
+def _scalar_range_bounds(graph: gs.Graph) -> int:
+    """Make Range read one-element constant bounds as scalars; returns how many changed."""
+    changed = 0
+    scalars: dict[int, gs.Constant] = {}
+    for node in graph.nodes:
+        if node.op != "Range" or not is_default(node):
+            continue
+        for i, tensor in enumerate(node.inputs):
+            if not isinstance(tensor, gs.Constant) or len(tensor.shape) == 0:
+                continue
+            if math.prod(tensor.shape) != 1:
+                continue
+            value = constant_value(tensor)
+            if value is None:
+                continue
+            if id(tensor) not in scalars:
+                scalars[id(tensor)] = gs.Constant(f"{tensor.name}__scalar", value.reshape(()))
+            node.inputs[i] = scalars[id(tensor)]
+            changed += 1
+    return changed
 
 
 def _leaf_bytes(cone: list[gs.Node]) -> int:

@@ -12,7 +12,7 @@ from onnxopt.graph import constant_value, int_list, is_absent, is_default, uniqu
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
 
 from .simplify_rules.affine import LINEAR_OPS, fold_affine, out_channels, output_rank, per_channel
-from .simplify_rules.common import all_graphs, all_names, sole_reader, tidy
+from .simplify_rules.common import all_graphs, all_names, is_read, sole_reader, tidy, unwritable
 from .simplify_rules.shapes import ShapeTable
 
 MAX_ROUNDS = 10
@@ -38,9 +38,12 @@ class FuseBn(Pass):
     - MatMul of a 2-D activation by a constant 2-D matrix, followed by Add of a
       constant [N] or [1,N] bias, becomes one Gemm.
     The layer's output must have no other reader, so nothing else sees the
-    changed values. A shared weight is never edited in place: the fold writes
+    changed values; a tensor that is a graph output counts as read (the user
+    reads it), as do a BatchNormalization's extra outputs and MaxPool's Indices,
+    whose values a fold would change. A shared weight is never edited in place: the fold writes
     new initializers. Anything else (dynamic weights, training-mode BN, other
-    domains) is left alone.
+    domains) is left alone, and so is a model GraphSurgeon cannot write back
+    (optional-typed values; counted as unwritable).
     """
 
     name = "fuse-bn"
@@ -50,6 +53,11 @@ class FuseBn(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()
+        reason = unwritable(graph)
+        if reason:
+            return PassResult(
+                changed=False, stats={"unwritable": 1}, notes=[f"model left alone: {reason}"]
+            )
         taken = all_names(graph)
 
         def fresh(base: str) -> str:
@@ -95,7 +103,7 @@ def _producer(
     producer = tensor.inputs[0]
     if not is_default(producer) or id(producer) not in members:
         return None
-    live = [t for t in producer.outputs if not is_absent(t) and (t.outputs or t is tensor)]
+    live = [t for t in producer.outputs if not is_absent(t) and (is_read(graph, t) or t is tensor)]
     return producer if len(live) == 1 else None
 
 
@@ -118,7 +126,7 @@ def _fold_into_producer(
             continue
         if channels is None or rank is None:
             continue
-        affine = _affine_of(node, side, rank, channels)
+        affine = _affine_of(graph, node, side, rank, channels)
         if affine is None:
             continue
         if producer.op == "BatchNormalization":
@@ -176,13 +184,13 @@ class _Shapes:
 
 
 def _affine_of(
-    node: gs.Node, side: int, rank: int, channels: int
+    graph: gs.Graph, node: gs.Node, side: int, rank: int, channels: int
 ) -> tuple[np.ndarray | None, np.ndarray | None] | None:
     """(scale, shift) vectors over output channels for this node, or None."""
     if node.op == "BatchNormalization":
         if int(node.attrs.get("training_mode", 0)) or len(node.inputs) != 5:
             return None
-        if any(not is_absent(t) and t.outputs for t in node.outputs[1:]):
+        if any(not is_absent(t) and is_read(graph, t) for t in node.outputs[1:]):
             return None
         scale, bias, mean, var = (constant_value(t) for t in node.inputs[1:])
         if any(v is None or v.shape != (channels,) for v in (scale, bias, mean, var)):
@@ -279,11 +287,8 @@ def _fold_pad(graph: gs.Graph, pad: gs.Node) -> bool:
     if reader.op == "MaxPool":
         if not (math.isinf(value) and value < 0):
             return False
-        if (
-            len(reader.outputs) > 1
-            and not is_absent(reader.outputs[1])
-            and reader.outputs[1].outputs
-        ):
+        indices = reader.outputs[1] if len(reader.outputs) > 1 else None
+        if indices is not None and not is_absent(indices) and is_read(graph, indices):
             return False
     begins, ends = pads[2:rank], pads[rank + 2 :]
     reader.attrs["pads"] = [e + p for e, p in zip(existing, begins + ends, strict=True)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ from onnxopt.graph import (
     consumers,
     is_default,
     is_graph_output,
+    name_matches,
     producer,
     to_model,
     unique_name,
@@ -126,10 +126,9 @@ class SmoothQuant(Pass):
     # ---- matching ---------------------------------------------------------------------
 
     def _selected(self, node: gs.Node) -> bool:
-        name = node.name or ""
-        if self.include_nodes and not any(fnmatch.fnmatchcase(name, p) for p in self.include_nodes):
+        if self.include_nodes and not name_matches(node.name, self.include_nodes):
             return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude_nodes)
+        return not name_matches(node.name, self.exclude_nodes)
 
     def _linear(self, node: gs.Node) -> _Linear | None:
         if not is_default(node) or len(node.inputs) < 2 or not self._selected(node):

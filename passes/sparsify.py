@@ -17,14 +17,13 @@ Rules:
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import PassError
-from onnxopt.graph import DEFAULT_DOMAINS, constant_value, unique_name
+from onnxopt.graph import DEFAULT_DOMAINS, constant_value, name_matches, unique_name
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -47,7 +46,7 @@ def _targets(
         weight = constant_value(node.inputs[1])
         if weight is None or weight.size < min_size or weight.dtype.kind != "f":
             continue
-        if any(fnmatch.fnmatchcase(n, p) for p in protect for n in (node.name, name)):
+        if name_matches(node.name, protect) or name_matches(name, protect):
             continue
         out[name] = ([node], weight)
     return out

@@ -262,3 +262,14 @@ def test_if_branches_are_cleaned_recursively() -> None:
     x = RNG.standard_normal(3).astype(np.float32)
     for cond in (True, False):
         _same_outputs(model, out, {"x": x, "cond": np.array(cond)})
+
+
+def test_dropout_whose_mask_is_a_graph_output_stays() -> None:
+    """The user reads the mask: the Dropout computes it, so it is not a no-op (issue #16)."""
+    node = h.make_node("Dropout", ["x"], ["y", "mask"])
+    outputs = [_vi("y", [2, 3]), _vi("mask", [2, 3], T.BOOL)]
+    model = _model([node], [_vi("x", [2, 3])], outputs)
+    out, record = _cleanup(model)  # strict: a rollback would raise
+    assert op_histogram(out)["Dropout"] == 1 and record.status == "unchanged"
+    feed = {"x": RNG.standard_normal((2, 3)).astype(np.float32)}
+    _same_outputs(model, out, feed)

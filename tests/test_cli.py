@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 
 from onnxopt.data import model_inputs
@@ -248,6 +249,29 @@ def test_passes_lists_names_and_options(tmp_path: Path) -> None:
     assert listing["fold-constants"]["options"][0]["name"] == "size_threshold"
 
 
+def test_passes_shows_one_pass_with_what_each_option_does(tmp_path: Path) -> None:
+    result = onnxopt("passes", "quantize", "--json", tmp_path / "q.json")
+    assert result.returncode == 0, result.stderr
+    (item,) = json.loads((tmp_path / "q.json").read_text())["passes"]
+    options = {o["name"]: o for o in item["options"]}
+    assert len(options) > 20 and all(o["help"] for o in options.values())
+    assert {o["group"] for o in options.values()} == {
+        "kind",
+        "calibration",
+        "placement",
+        "precision",
+        "accuracy",
+    }
+    assert (
+        options["calibrate"]["group"] == "calibration" and options["min_weights"]["default"] == 1024
+    )
+    # The rules (the docstring) come first, then the table with each option's line.
+    assert "Precision per node" in result.stdout and "histogram bins" in result.stdout
+    unknown = onnxopt("passes", "quantise")
+    assert unknown.returncode == 2 and "did you mean 'quantize'" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+
+
 def test_verify_on_an_image_folder(model_dir: Path, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -333,3 +357,65 @@ def test_analyze_ranks_quantized_nodes(tmp_path: Path) -> None:
     assert isolated == sorted(isolated) and len(layers) >= 5
     assert {"Conv", "Gemm"} <= {layer["op"] for layer in layers}
     assert "data:image/png;base64," in (tmp_path / "a.html").read_text()
+
+
+def test_version_names_onnxopt_onnx_and_onnxruntime() -> None:
+    result = onnxopt("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == (
+        f"onnxopt 0.1.0 (onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__})"
+    )
+
+
+BREAKING_PASS = """
+import sys
+import onnx_graphsurgeon as gs
+from onnxopt import PassResult, register_pass
+from onnxopt.cli import main
+
+
+@register_pass("t-break")
+def break_it(graph: gs.Graph, ctx) -> PassResult:
+    graph.nodes[0].op = "NoSuchOp"
+    return PassResult(True)
+
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rollback_is_reported_on_stderr_even_with_quiet(model_dir: Path) -> None:
+    """One line per rolled-back pass, whatever -q says; --strict makes it an error."""
+    out = model_dir / "out.onnx"
+    argv = [sys.executable, "-c", BREAKING_PASS, "optimize", str(model_dir / "cnn.onnx")]
+    argv += ["-o", str(out), "--passes", "t-break,cleanup,t-break", "-q"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and all("pass t-break rolled back" in line for line in lines), lines
+    assert done.stdout == "" and out.exists()
+    strict = subprocess.run([*argv, "--strict"], capture_output=True, text=True, timeout=300)
+    assert strict.returncode != 0 and len(strict.stderr.strip().splitlines()) == 1
+
+
+def test_ort_log_lines_stay_off_stderr(model_dir: Path) -> None:
+    """A constant ORT fails to compute is left unfolded; ORT's own log of it is not shown."""
+    nodes = [
+        onnx.helper.make_node("Gather", ["table", "bad"], ["row"]),
+        onnx.helper.make_node("Add", ["x", "row"], ["y"]),
+    ]
+    inits = [
+        onnx.numpy_helper.from_array(np.ones((3, 4), np.float32), "table"),
+        onnx.numpy_helper.from_array(np.array(7, np.int64), "bad"),
+    ]
+    vi = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        nodes, "g", [vi("x", onnx.TensorProto.FLOAT, [4])], [vi("y", onnx.TensorProto.FLOAT, [4])]
+    )
+    graph.initializer.extend(inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, model_dir / "bad_gather.onnx")
+    done = onnxopt("optimize", model_dir / "bad_gather.onnx", "-o", model_dir / "o.onnx")
+    assert done.returncode == 0, done.stderr
+    assert "onnxruntime" not in done.stderr and "\x1b[" not in done.stderr, done.stderr

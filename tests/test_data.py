@@ -57,7 +57,7 @@ def test_random_feeds_are_seeded_and_bound(dynamic_cnn) -> None:
 
 def test_random_feeds_need_shapes_for_inner_dynamic_dims() -> None:
     specs = model_inputs(_dynamic_hw_model())
-    with pytest.raises(FeedError, match=r"pass --shape image=Nx3xNxN"):
+    with pytest.raises(FeedError, match=r"pass --shape image=1x3xNxN with N set"):
         RandomFeeds(specs, 1)
     with pytest.raises(FeedError, match="does not fit"):
         RandomFeeds(specs, 1, shapes={"image": (1, 4, 8, 8)})

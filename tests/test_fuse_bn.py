@@ -253,3 +253,19 @@ def test_matmul_add_becomes_gemm_only_for_2d() -> None:
         "x3": RNG.standard_normal((2, 3, 5)).astype(np.float32),
     }
     _assert_close(model, out, feed)
+
+
+def test_maxpool_indices_read_as_a_graph_output_keep_the_pad() -> None:
+    """Folding the pad would change which flat index each maximum has (issue #16, item 9)."""
+    pad = h.make_node("Pad", ["x", "pads", "ninf"], ["p"], mode="constant")
+    pool = h.make_node("MaxPool", ["p"], ["y", "idx"], kernel_shape=[3, 3])
+    pads = nh.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
+    ninf = nh.from_array(np.array(-np.inf, np.float32), "ninf")
+    outputs = [_vi("y", [1, 2, 10, 10]), h.make_tensor_value_info("idx", T.INT64, [1, 2, 10, 10])]
+    model = _model([pad, pool], [_vi("x", [1, 2, 10, 10])], outputs, [pads, ninf])
+    result = optimize(model, "fuse-bn")
+    assert op_histogram(result.model)["Pad"] == 1
+    assert result.records[0].stats.get("fused_Pad", 0) == 0
+    feed = {"x": RNG.standard_normal((1, 2, 10, 10)).astype(np.float32)}
+    (y0, i0), (y1, i1) = _run(model, feed), _run(result.model, feed)
+    assert np.array_equal(i0, i1) and np.array_equal(y0, y1)

@@ -146,7 +146,7 @@ def test_tight_target_moves_the_most_sensitive_nodes_first(
     assert stats["target_met"] == 1 and stats["target_value"] >= 0.99995
     assert stats["target_int8_value"] < 0.99995
     moved = stats["moved_to_int16"] + stats["moved_to_float"]
-    assert 1 <= moved <= 3  # of the 6 quantized MatMuls
+    assert 1 <= moved <= 4  # of the 6 quantized MatMuls (4 with 7-bit weights)
     assert cosine(block, qmodel, test_feeds) > cosine(block, int8_model(block, calib), test_feeds)
     assert cosine(block, qmodel, test_feeds) >= 0.9999
     # The first node moved is the one onnxopt.analyze ranks most sensitive on the same

@@ -5,13 +5,19 @@ from __future__ import annotations
 import sys
 import textwrap
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import onnx_graphsurgeon as gs
 import pytest
 
 from onnxopt import Group, Pass, PassContext, PassError, PassResult, parse_spec, register_pass
-from onnxopt.pass_api import available_passes, get_pass, reload_plugins, unregister_pass
+from onnxopt.pass_api import (
+    Option,
+    available_passes,
+    get_pass,
+    reload_plugins,
+    unregister_pass,
+)
 
 
 @pytest.fixture
@@ -58,6 +64,56 @@ def test_spec_parses_names_options_and_groups(toy_passes) -> None:
     assert repr(scale) == "toy-scale(ratio=0.3,round_to=8,mode=global,protect=['a', 'b*'])"
 
 
+def test_lists_in_brackets_read_like_python(toy_passes) -> None:
+    (step,) = parse_spec("toy-scale(protect=[conv*, head],ratio=0.25)")
+    assert step.protect == ["conv*", "head"] and step.ratio == 0.25
+    (step,) = parse_spec("toy-scale(protect=[])")
+    assert step.protect == []
+
+
+def test_list_defaults_are_not_shared_between_instances(toy_passes) -> None:
+    first = get_pass("toy-scale")()
+    first.protect.append("edited")
+    assert get_pass("toy-scale")().protect == []
+
+
+def test_options_carry_their_help_and_group() -> None:
+    @register_pass
+    class Helped(Pass):
+        """A pass whose options say what they do."""
+
+        name = "toy-helped"
+        level: Annotated[int, Option("how hard to try", "effort")] = 2
+        plain: bool = True
+
+        def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+            return PassResult(changed=False)
+
+    @register_pass("toy-helped-fn")
+    def helped_fn(
+        graph: gs.Graph, ctx: PassContext, *, limit: Annotated[int, Option("at most")] = 3
+    ) -> PassResult:
+        """Count nothing."""
+        return PassResult(changed=False)
+
+    try:
+        level, plain = get_pass("toy-helped").options()
+        assert (level.type, level.default, level.help, level.group) == (
+            int,
+            2,
+            "how hard to try",
+            "effort",
+        )
+        assert (plain.type, plain.help) == (bool, "")
+        assert parse_spec("toy-helped(level=5)")[0].level == 5
+        (limit,) = get_pass("toy-helped-fn").options()
+        assert (limit.type, limit.help) == (int, "at most")
+        assert parse_spec("toy-helped-fn(limit=7)")[0].limit == 7
+    finally:
+        unregister_pass("toy-helped")
+        unregister_pass("toy-helped-fn")
+
+
 def test_function_pass_runs_with_its_options(toy_passes) -> None:
     graph = gs.Graph(nodes=[gs.Node("Relu") for _ in range(7)])
     (step,) = parse_spec("toy-count(limit=5)")
@@ -69,12 +125,18 @@ def test_function_pass_runs_with_its_options(toy_passes) -> None:
     ("spec", "message"),
     [
         ("no-such-pass", r"unknown pass 'no-such-pass'; available: .*fold-constants"),
-        ("toy-scale(ratoi=0.3)", r"has no option 'ratoi'; options: ratio: float = 0.5"),
+        ("toy-scael", r"unknown pass 'toy-scael' \(did you mean 'toy-scale'\?\)"),
+        ("toy-scale(ratoi=0.3)", r"no option 'ratoi' \(did you mean 'ratio'\?\); options: ratio,"),
         ("toy-scale(ratio=abc)", r"option ratio of 'toy-scale' expects float, got 'abc'"),
         ("toy-scale(round_to=2.5)", r"option round_to of 'toy-scale' expects int"),
         ("toy-scale(mode=random)", r"expects uniform\|global"),
         ("toy-scale(strict_names=maybe)", r"expects bool"),
         ("toy-scale(ratio)", r"must be key=value"),
+        (
+            "toy-scale(protect=a,b)",
+            r"option 'b' .* a list goes in brackets: toy-scale\(exclude_ops",
+        ),
+        ("toy-scale(protect=[a,b)", r"unbalanced '\[' or '\]'"),
         ("toy-scale(ratio=0.3", r"unclosed '\('"),
         ("{toy-count", r"unclosed '\{'"),
         ("", r"empty pass spec"),

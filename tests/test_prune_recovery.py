@@ -62,7 +62,9 @@ def test_dead_channels_are_removed_with_identical_outputs(name):
     result = optimize(model, "prune-channels(ratio=0)", strict=True)
     stats = result.records[-1].stats
     assert stats["classes_removed"] == stats["classes_removed_exactly"] == classes
-    check = verify(model, result.model, samples=4, atol=1e-5, rtol=0.0)
+    # Identical up to float32 summation order, which a smaller Conv changes (1.1e-5 on
+    # the digits logits on an AVX2 CPU): 1e-6 relative, 1e-5 absolute.
+    check = verify(model, result.model, samples=4, atol=1e-5, rtol=1e-6)
     assert check.passed, check.outputs[0].max_abs
 
 

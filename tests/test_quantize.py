@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from onnxopt.data import ListFeeds, RandomFeeds, model_inputs
 from onnxopt.errors import PassError
 from onnxopt.pass_api import PassContext
 from onnxopt.pipeline import optimize
-from onnxopt.runtime import iter_tensors
+from onnxopt.runtime import int8_pair_sums_saturate, iter_tensors
 from onnxopt.test_models.digits import DIGITS_CNN, load_digits_split, top1
 
 
@@ -163,7 +164,9 @@ def test_every_qdq_pair_matches_numpy_quantize_dequantize(model, calib, qmodel) 
             assert np.abs(got - expected).max() <= scale * 1.0001, q.name
 
 
-def test_weights_are_int8_symmetric_per_output_channel(model, qmodel) -> None:
+@pytest.mark.parametrize("reduce_range,qmax", [(False, 127), (True, 63)])
+def test_weights_are_int8_symmetric_per_output_channel(model, calib, reduce_range, qmax) -> None:
+    qmodel = quantized(model, f"quantize(reduce_range={str(reduce_range).lower()})", calib)
     floats = initializers(model)
     init = initializers(qmodel)
     found = {}
@@ -178,14 +181,33 @@ def test_weights_are_int8_symmetric_per_output_channel(model, qmodel) -> None:
         w = floats[source]
         axis = node.attribute[0].i if node.attribute else 1
         amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
-        np.testing.assert_allclose(scale, amax / 127, rtol=1e-6)
+        np.testing.assert_allclose(scale, amax / qmax, rtol=1e-6)
         shape = [1] * w.ndim
         shape[axis] = -1
-        np.testing.assert_array_equal(q, np.rint(w / (amax / 127).reshape(shape)).astype(np.int8))
-        assert np.abs(q).max() == 127 and q.min() >= -127
+        np.testing.assert_array_equal(q, np.rint(w / (amax / qmax).reshape(shape)).astype(np.int8))
+        assert np.abs(q).max() == qmax and q.min() >= -qmax
         found[source] = axis
     # Conv weights along axis 0; the Gemm weight [10, 8] with transB=1 also along its rows.
     assert found == {"w1": 0, "w2": 0, "w3": 0}
+
+
+def test_unset_reduce_range_follows_the_cpu_flags(model, calib) -> None:
+    # /proc/cpuinfo is read here on its own, not through the pass's helper.
+    flags = next(
+        (line for line in open("/proc/cpuinfo").read().splitlines() if line.startswith("flags")),
+        "",
+    ).split()
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    saturates = x86 and not ({"avx512_vnni", "avx_vnni"} & set(flags))
+    result = optimize(model, "quantize", PassContext(feeds=calib), strict=True)
+    q = [
+        numpy_helper.to_array(t)
+        for t in result.model.graph.initializer
+        if t.data_type == TensorProto.INT8
+    ]
+    assert max(int(np.abs(w).max()) for w in q) == (63 if saturates else 127)
+    noted = any("7 bits" in n for n in result.records[0].notes)
+    assert noted == saturates
 
 
 def test_bias_is_int32_with_input_scale_times_weight_scale(model, qmodel) -> None:
@@ -440,3 +462,31 @@ def test_matmul_with_bias_add_keeps_integer_kernels(shape, tmp_path) -> None:
     a, b = ref.run(None, {"x": x})[0], got.run(None, {"x": x})[0]
     assert a.shape == b.shape
     assert float(np.abs(a - b).max()) < 0.05 * float(np.abs(a).max())
+
+
+@pytest.mark.parametrize("reduce_range", ["false", "true"])
+def test_seven_bit_weights_keep_ort_exact_where_eight_bits_saturate(reduce_range) -> None:
+    # A uint8 activation at 255 times two weights at +-127 overflows an int16 pair sum
+    # on x86 without VNNI; with 7-bit weights the integer result matches numpy's.
+    if reduce_range == "false" and not int8_pair_sums_saturate():
+        pytest.skip("this CPU has VNNI: ORT's integer kernels do not saturate here")
+    w = np.ones((64, 16), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], "mm")],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.ones((4, 64), np.float32)  # ranges hold 0, so 1.0 quantizes to 255
+    feeds = ListFeeds([{"x": x}], model_inputs(model))
+    spec = f"quantize(reduce_range={reduce_range},min_weights=0)"
+    qmodel = quantized(model, spec, feeds)
+    got = ort.InferenceSession(qmodel.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = got.run(None, {"x": x})[0]
+    error = float(np.abs(y - x @ w).max())
+    if reduce_range == "true":
+        assert error < 0.05 * 32
+    else:
+        assert error > 0.05 * 32

@@ -62,19 +62,21 @@ def test_dynamic_mode_needs_no_data_and_ort_fuses_it(transformer, token_feeds, t
     assert cosine(outputs(transformer, token_feeds), outputs(qmodel, token_feeds)) > 0.9995
 
 
-def test_dynamic_weights_match_numpy_per_column_int8(transformer) -> None:
-    qmodel = optimize(transformer, "quantize(mode=dynamic)", PassContext(), strict=True).model
+@pytest.mark.parametrize("reduce_range,qmax", [("false", 127), ("true", 63)])
+def test_dynamic_weights_match_numpy_per_column_int8(transformer, reduce_range, qmax) -> None:
+    spec = f"quantize(mode=dynamic,reduce_range={reduce_range})"
+    qmodel = optimize(transformer, spec, PassContext(), strict=True).model
     floats = {t.name: numpy_helper.to_array(t) for t in transformer.graph.initializer}
     init = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
     for node in qmodel.graph.node:
         if node.op_type == "MatMulInteger":
             q = init[node.input[1]]
-            assert q.dtype == np.int8 and q.ndim == 2 and np.abs(q).max() == 127
-    # Per column: the scale of the first projection equals max |w| / 127 per output column.
+            assert q.dtype == np.int8 and q.ndim == 2 and np.abs(q).max() == qmax
+    # Per column: the scale of the first projection equals max |w| / qmax per output column.
     w = floats["attn.q.weight"]
     scales = [v for k, v in init.items() if k.endswith("_weight_scale") and "attn.q" in k]
     assert len(scales) == 1
-    np.testing.assert_allclose(scales[0], np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    np.testing.assert_allclose(scales[0], np.abs(w).max(axis=0) / qmax, rtol=1e-6)
 
 
 def test_dynamic_mode_rewrites_gemm_as_matmul() -> None:
@@ -182,3 +184,29 @@ def test_cli_without_data_fails_in_one_line_and_writes_nothing(tmp_path: Path) -
     assert "quantize needs calibration data: pass --data" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("opset", [17, 9])
+def test_dynamic_mode_on_a_conv_model_reports_nothing_quantized(opset) -> None:
+    # Dynamic mode covers MatMul/Gemm only. At opset 9 the upgrade to 11 that it needs
+    # must not count as a change either.
+    w = np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Conv", ["x", "w"], ["c"], "conv"),
+            onnx.helper.make_node("Relu", ["c"], ["y"], "relu"),
+        ],
+        "convs",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 6, 6])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    before = model.SerializeToString()
+    result = optimize(model, "quantize(mode=dynamic)", PassContext(), strict=True)
+    record = result.records[0]
+    assert record.status == "unchanged"
+    assert any(n.startswith("nothing was quantized") for n in record.notes)
+    assert any("1 convolution(s) in float" in n for n in record.notes)
+    assert record.stats["dynamic_matmuls"] == 0
+    assert result.model.SerializeToString() == before

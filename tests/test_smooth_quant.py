@@ -112,7 +112,8 @@ def test_smoothing_makes_int8_more_accurate(block, calib, held_out) -> None:
     plain_out = verify(block, plain, held_out).outputs[0]
     smooth_out = verify(block, smooth, held_out).outputs[0]
     assert plain_out.cosine < 0.99
-    assert smooth_out.cosine > 0.998
+    # 0.9975 with 7-bit weights (reduce_range, CPUs without VNNI); above 0.998 with 8 bits.
+    assert smooth_out.cosine > 0.995
     assert smooth_out.sqnr_db > plain_out.sqnr_db + 6.0
 
 

@@ -10,26 +10,29 @@ Three kinds, chosen by options:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, Literal
 
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import ModelError, PassError
 from onnxopt.graph import upgraded
-from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
+from onnxopt.pass_api import Option, Pass, PassContext, PassResult, register_pass
+from onnxopt.runtime import int8_pair_sums_saturate, trim_memory
 
 from .dynamic import run_dynamic
 from .int4 import run_int4
 from .mixed import Target, parse_target
 from .placement import ABSORBED, DEFAULT_OPS, OPT_IN_OPS
 from .precision import Overrides
-from .qdq import QTYPES
-from .static import StaticConfig, run_static, trim_memory
+from .qdq import INT8, INT8_REDUCED, QTYPES, QType
+from .static import StaticConfig, run_static
 
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis attribute
 INT16_OPSET = 21  # 16-bit and 4-bit QuantizeLinear/DequantizeLinear, blocked DQ
 QDQ_OPSET = 10
 DYNAMIC_OPSET = 11  # DynamicQuantizeLinear
+# Option groups, as `onnxopt passes quantize` shows them.
+KIND, CALIB, PLACE, PREC, ACCURACY = "kind", "calibration", "placement", "precision", "accuracy"
 
 
 @register_pass
@@ -65,6 +68,11 @@ class Quantize(Pass):
       (the digits transformer's 8x48 embedding and 48x10 head: batch 1 went from
       1.29-1.31x to 1.35-1.37x fp32). `min_weights=0` quantizes them all.
     - Nodes already next to Q/DQ are left alone.
+    - `reduce_range` stores int8 weights in 7 bits ([-63, 63]). ORT's x86 kernels
+      without VNNI add two uint8 x int8 products into a saturating int16, which 8-bit
+      weights overflow (wrong outputs, not just lost precision). By default (unset)
+      weights get 7 bits when the machine that quantizes lacks VNNI, and the notes say
+      so: set it to false for a model that will run on a VNNI machine only.
     The opset is raised to 13 for per-channel weights (21 for int16 and int4; with a
     target, only if int16 nodes are kept), and the notes say so. Ranges come from
     `calibrate`: minmax, percentile, entropy or mse; `cache` names a JSON file that
@@ -101,32 +109,58 @@ class Quantize(Pass):
     """
 
     name = "quantize"
-    mode: Literal["static", "dynamic"] = "static"
-    calibrate: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
-    percentile: float = 99.99
-    activations: Literal["uint8", "int8", "int16"] = "uint8"
-    symmetric_activations: bool | None = None
-    weights: Literal["int8", "int4"] = "int8"
-    per_channel: bool = True
-    block_size: int = 32
-    include_ops: list[str] = []  # noqa: RUF012 - read only
-    exclude_ops: list[str] = []  # noqa: RUF012
-    exclude_nodes: list[str] = []  # noqa: RUF012
-    cache: str | None = None
-    moving_average: bool = False
-    bins: int = 2048
-    fold: bool = True
-    float_nodes: list[str] = []  # noqa: RUF012
-    float_ops: list[str] = []  # noqa: RUF012
-    int16_nodes: list[str] = []  # noqa: RUF012
-    int16_ops: list[str] = []  # noqa: RUF012
-    transformer_defaults: bool = True
-    target: str | Callable[[dict, dict], bool] | None = None
-    holdout: float = 0.25
-    fallback: list[Literal["int16", "float"]] = ["int16", "float"]  # noqa: RUF012
-    max_moves: int = 0
-    bias_correction: bool = False
-    min_weights: int = 1024
+    mode: Annotated[
+        Literal["static", "dynamic"],
+        Option("static: ranges from calibration data; dynamic: at run time (MatMul/Gemm)", KIND),
+    ] = "static"
+    weights: Annotated[
+        Literal["int8", "int4"], Option("int4: blockwise weight-only MatMul/Gemm", KIND)
+    ] = "int8"
+    activations: Annotated[
+        Literal["uint8", "int8", "int16"], Option("activation type (int16: A16W8)", KIND)
+    ] = "uint8"
+    symmetric_activations: Annotated[
+        bool | None, Option("force symmetric ranges (unset: by activation type)", KIND)
+    ] = None
+    per_channel: Annotated[bool, Option("int8 weights per output channel", KIND)] = True
+    reduce_range: Annotated[
+        bool | None, Option("7-bit int8 weights (unset: where this CPU lacks VNNI)", KIND)
+    ] = None
+    block_size: Annotated[int, Option("int4 block size: a power of two, >= 16", KIND)] = 32
+    calibrate: Annotated[
+        Literal["minmax", "percentile", "entropy", "mse"], Option("range method", CALIB)
+    ] = "minmax"
+    percentile: Annotated[float, Option("for calibrate=percentile", CALIB)] = 99.99
+    bins: Annotated[int, Option("histogram bins (percentile, entropy, mse)", CALIB)] = 2048
+    moving_average: Annotated[bool, Option("average per-sample min/max", CALIB)] = False
+    cache: Annotated[str | None, Option("JSON file keeping statistics between runs", CALIB)] = None
+    include_ops: Annotated[list[str], Option("op types to quantize (default: all)", PLACE)] = []  # noqa: RUF012 - copied per instance
+    exclude_ops: Annotated[list[str], Option("op types left float", PLACE)] = []  # noqa: RUF012
+    exclude_nodes: Annotated[list[str], Option("node names/globs left float", PLACE)] = []  # noqa: RUF012
+    min_weights: Annotated[
+        int, Option("a lone MatMul/Gemm with fewer weights stays float", PLACE)
+    ] = 1024
+    fold: Annotated[bool, Option("fold BatchNorm/Mul into Conv first", PLACE)] = True
+    float_nodes: Annotated[list[str], Option("nodes kept float (names/globs)", PREC)] = []  # noqa: RUF012
+    float_ops: Annotated[list[str], Option("op types kept float", PREC)] = []  # noqa: RUF012
+    int16_nodes: Annotated[list[str], Option("nodes with int16 activations", PREC)] = []  # noqa: RUF012
+    int16_ops: Annotated[list[str], Option("op types with int16 activations", PREC)] = []  # noqa: RUF012
+    transformer_defaults: Annotated[
+        bool, Option("keep masks, Softmax, LayerNorm, embeddings float", PREC)
+    ] = True
+    target: Annotated[
+        str | Callable[[dict, dict], bool] | None,
+        Option("accuracy target on held-out feeds: cosine:X, rel_error:X, top1:X", ACCURACY),
+    ] = None
+    holdout: Annotated[float, Option("share of feeds held out for the target", ACCURACY)] = 0.25
+    fallback: Annotated[
+        list[Literal["int16", "float"]],
+        Option("where missed-target nodes move, in order", ACCURACY),
+    ] = ["int16", "float"]  # noqa: RUF012
+    max_moves: Annotated[int, Option("cap on nodes moved (0: none)", ACCURACY)] = 0
+    bias_correction: Annotated[
+        bool, Option("subtract each layer's mean output shift from its bias", ACCURACY)
+    ] = False
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         target_spec = self._check_options()
@@ -157,10 +191,13 @@ class Quantize(Pass):
                         "weights are quantized per tensor"
                     )
         work = replaced or graph
+        weight_type = self._weight_type(notes) if self.weights == "int8" else INT8
         if self.weights == "int4":
             changed = run_int4(work, self.block_size, self._ops(), self.exclude_nodes, stats, notes)
         elif self.mode == "dynamic":
-            changed = run_dynamic(work, per_channel, self._ops(), self.exclude_nodes, stats, notes)
+            changed = run_dynamic(
+                work, per_channel, self._ops(), self.exclude_nodes, stats, notes, weight_type
+            )
         else:
             config = StaticConfig(
                 ops=self._ops(),
@@ -187,13 +224,20 @@ class Quantize(Pass):
                 max_moves=self.max_moves,
                 bias_correction=self.bias_correction,
                 min_weights=self.min_weights,
+                weight_type=weight_type,
                 stats=stats,
                 notes=notes,
             )
             changed, result = run_static(work, ctx, config)
             return PassResult(changed or replaced is not None, stats, notes, graph=result)
-        changed = changed or replaced is not None
-        return PassResult(changed=changed, stats=stats, notes=notes, graph=replaced)
+        if not changed:
+            # An opset upgrade alone is no quantization: the model stays as it was.
+            notes.append(
+                f"nothing was quantized: {self.mode if self.weights == 'int8' else 'int4'} "
+                "mode covers MatMul/Gemm with a constant 2-D weight"
+            )
+            return PassResult(changed=False, stats=stats, notes=notes)
+        return PassResult(changed=True, stats=stats, notes=notes, graph=replaced)
 
     def _check_options(self) -> Target | None:
         """Refuse bad option values in one line; return the parsed target."""
@@ -241,6 +285,18 @@ class Quantize(Pass):
                     f"{', '.join(sorted(DEFAULT_OPS | OPT_IN_OPS))}"
                 )
         return parse_target(self.target) if self.target is not None else None
+
+    def _weight_type(self, notes: list[str]) -> QType:
+        """int8 weights in 8 bits, or in 7 where ORT's integer kernels would saturate."""
+        if self.reduce_range is not None:
+            return INT8_REDUCED if self.reduce_range else INT8
+        if not int8_pair_sums_saturate():
+            return INT8
+        notes.append(
+            "int8 weights in 7 bits: this CPU has no VNNI, and ORT's integer kernels "
+            "saturate with 8-bit weights there (reduce_range=false for a VNNI machine)"
+        )
+        return INT8_REDUCED
 
     def _ops(self) -> set[str]:
         ops = set(self.include_ops) if self.include_ops else set(DEFAULT_OPS)

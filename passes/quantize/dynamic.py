@@ -5,7 +5,8 @@ transA=0 and alpha=1 is first rewritten as MatMul + Add) becomes
 
     DynamicQuantizeLinear(A) -> MatMulInteger(A_q, B_q, A_zero) -> Cast -> Mul(A_scale x B_scale)
 
-with B int8 symmetric per output column (per tensor with per_channel=false).
+with B int8 symmetric per output column (per tensor with per_channel=false), in 7 bits
+where ORT's integer kernels would saturate (`reduce_range`).
 ORT fuses this chain into one DynamicQuantizeMatMul kernel. Activations get a
 fresh range every run, so nothing is calibrated: the mode for MatMul-heavy
 models (transformers) whose activation ranges move from input to input.
@@ -14,19 +15,15 @@ Convolutions are left float: ORT's ConvInteger is slower than its float Conv.
 
 from __future__ import annotations
 
-import fnmatch
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import constant_value
+from onnxopt.graph import constant_value, name_matches
 
 from .placement import already_quantized
 from .prepare import gemm_to_matmul
-from .qdq import INT8, Namer, quantize, weight_params
-
-DYNAMIC_OPS = {"MatMul", "Gemm"}
+from .qdq import INT8, Namer, QType, quantize, weight_params
 
 
 def run_dynamic(
@@ -36,6 +33,7 @@ def run_dynamic(
     exclude_nodes: list[str],
     stats: dict[str, int | float],
     notes: list[str],
+    weight_type: QType = INT8,
 ) -> bool:
     namer = Namer(graph)
     excluded = 0
@@ -59,7 +57,7 @@ def run_dynamic(
             continue
         if weight.dtype != np.float32 or (a.dtype is not None and np.dtype(a.dtype) != np.float32):
             continue
-        _rewrite(graph, namer, node, weight, per_channel, quantized_inputs)
+        _rewrite(graph, namer, node, weight, per_channel, weight_type, quantized_inputs)
         count += 1
     if excluded:
         notes.append(f"left {excluded} MatMul node(s) in float: excluded by name")
@@ -74,7 +72,7 @@ def run_dynamic(
 
 
 def _selected(node: gs.Node, exclude_nodes: list[str]) -> bool:
-    return not any(fnmatch.fnmatchcase(node.name or "", p) for p in exclude_nodes)
+    return not name_matches(node.name, exclude_nodes)
 
 
 def _rewrite(
@@ -83,6 +81,7 @@ def _rewrite(
     node: gs.Node,
     weight: np.ndarray,
     per_channel: bool,
+    weight_type: QType,
     quantized_inputs: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]],
 ) -> None:
     a, output = node.inputs[0], node.outputs[0]
@@ -103,7 +102,7 @@ def _rewrite(
         )
         quantized_inputs[a.name] = outs
     a_q, a_scale, a_zero = quantized_inputs[a.name]
-    params = weight_params(weight, 1 if per_channel else None, INT8)
+    params = weight_params(weight, 1 if per_channel else None, weight_type)
     b_q = gs.Constant(namer(f"{base}_weight_quantized"), quantize(weight, params))
     b_scale = gs.Constant(namer(f"{base}_weight_scale"), np.asarray(params.scale, np.float32))
     accumulated = gs.Variable(namer(f"{base}_int32"), dtype=np.int32)

@@ -40,6 +40,7 @@ class ActivationConfig(Protocol):
     method: str
     percentile: float
     moving_average: bool
+    weight_type: QType
     notes: list[str]
 
 
@@ -92,7 +93,9 @@ def insert(
     weight_params_of: dict[tuple[int, int], QParams] = {}
     for weight in plan.weights:
         values = constant_value(weight.node.inputs[weight.index])
-        weight_params_of[(id(weight.node), weight.index)] = weight_params(values, weight.axis)
+        weight_params_of[(id(weight.node), weight.index)] = weight_params(
+            values, weight.axis, config.weight_type
+        )
     biases: list[tuple[Bias, np.ndarray, QParams]] = []
     widened = 0
     for bias in plan.biases:

@@ -12,15 +12,13 @@ block is shorter.
 
 from __future__ import annotations
 
-import fnmatch
-
 import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxopt.graph import constant_value
+from onnxopt.graph import constant_value, name_matches
 
 from .placement import already_quantized
 from .prepare import gemm_to_matmul
@@ -46,11 +44,6 @@ def quantize_blockwise(weight: np.ndarray, scale: np.ndarray, block_size: int) -
     return np.clip(np.rint(weight / expanded), INT4_MIN, INT4_MAX).astype(np.int8)
 
 
-def dequantize_blockwise(q: np.ndarray, scale: np.ndarray, block_size: int) -> np.ndarray:
-    expanded = np.repeat(scale, block_size, axis=0)[: q.shape[0]]
-    return (q.astype(np.float32) * expanded).astype(np.float32)
-
-
 def _int4_constant(name: str, values: np.ndarray) -> gs.Constant:
     # numpy has no int4; onnx packs two values per byte from ml_dtypes' int4.
     tensor = onnx.numpy_helper.from_array(values.astype(ml_dtypes.int4), name)
@@ -68,7 +61,7 @@ def run_int4(
     namer = Namer(graph)
 
     def selected(node: gs.Node) -> bool:
-        return not any(fnmatch.fnmatchcase(node.name or "", p) for p in exclude_nodes)
+        return not name_matches(node.name, exclude_nodes)
 
     rewritten = 0
     if "Gemm" in ops:

@@ -35,14 +35,13 @@ that way: its producer and the other readers of those tensors see 16 bits too.
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import constant_value, consumers, is_graph_output, producer
+from onnxopt.graph import constant_value, consumers, is_graph_output, name_matches, producer
 
 COMPUTE = {"Conv", "MatMul", "Gemm"}
 BINARY = {"Add", "Mul"}
@@ -164,10 +163,6 @@ def _rank(tensor: gs.Tensor) -> int:
     return constant_value(tensor).ndim
 
 
-def _matches(node: gs.Node, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(node.name or "", p) for p in patterns)
-
-
 def already_quantized(node: gs.Node) -> bool:
     if node.op in QDQ_OPS or node.op.startswith("QLinear"):
         return True
@@ -245,7 +240,7 @@ class Planner:
             return False
         if node.name and node.name in self.float_nodes:
             return False  # the precision settings say why, in their own notes
-        if _matches(node, self.exclude_nodes):
+        if name_matches(node.name, self.exclude_nodes):
             self.plan.skip("excluded by name", node)
             return False
         if already_quantized(node):

@@ -27,7 +27,6 @@ default would leave it float: the user asked for it.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -35,7 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.calibration import Calibration
-from onnxopt.graph import constant_value, consumers, producer
+from onnxopt.graph import constant_value, consumers, name_matches, producer
 
 from .placement import Plan
 
@@ -114,28 +113,24 @@ class Precision:
         return Precision(float_nodes, int16_nodes)
 
 
-def _matches(node: gs.Node, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(node.name or "", p) for p in patterns)
-
-
 def resolve(graph: gs.Graph, overrides: Overrides) -> tuple[Precision, list[str]]:
     """The precision of each node of `graph` and the notes that explain it."""
     notes: list[str] = []
     user_float = {
         n.name
         for n in graph.nodes
-        if n.name and (_matches(n, overrides.float_nodes) or n.op in overrides.float_ops)
+        if n.name and (name_matches(n.name, overrides.float_nodes) or n.op in overrides.float_ops)
     }
     user_int16 = {
         n.name
         for n in graph.nodes
-        if n.name and (_matches(n, overrides.int16_nodes) or n.op in overrides.int16_ops)
+        if n.name and (name_matches(n.name, overrides.int16_nodes) or n.op in overrides.int16_ops)
     } - user_float
     for option, patterns in (
         ("float_nodes", overrides.float_nodes),
         ("int16_nodes", overrides.int16_nodes),
     ):
-        unmatched = [p for p in patterns if not any(_matches(n, [p]) for n in graph.nodes)]
+        unmatched = [p for p in patterns if not any(name_matches(n.name, [p]) for n in graph.nodes)]
         if unmatched:
             notes.append(f"{option}: no node matches {', '.join(unmatched)}")
     precision = Precision({name: "float_nodes/float_ops" for name in user_float}, user_int16)

@@ -8,9 +8,6 @@ try one precision after another without measuring ranges again.
 
 from __future__ import annotations
 
-import ctypes
-import fnmatch
-import gc
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,9 +19,10 @@ import onnx_graphsurgeon as gs
 from onnxopt.calibration import Calibration, calibrate
 from onnxopt.data import FeedSource
 from onnxopt.errors import ModelError, PassError
-from onnxopt.graph import to_graph, to_model
+from onnxopt.graph import name_matches, to_graph, to_model
 from onnxopt.model import upgrade_opset
 from onnxopt.pass_api import PassContext
+from onnxopt.runtime import trim_memory
 
 from . import prepare, rows
 from .bias_correction import Applied, LayerProbe, apply_deltas, layer_probes
@@ -52,7 +50,7 @@ from .precision import (
     summary,
 )
 from .progress import calibration_progress
-from .qdq import Namer, QType
+from .qdq import INT8, Namer, QType
 
 MAX_MASK_ROUNDS = 4
 INT16_OPSET = 21
@@ -80,6 +78,7 @@ class StaticConfig:
     max_moves: int = 0
     bias_correction: bool = False
     min_weights: int = 0
+    weight_type: QType = INT8
     stats: dict[str, int | float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -111,7 +110,7 @@ class StaticQuantizer:
         skip_patterns = [*config.exclude_nodes, *config.overrides.float_nodes]
 
         def skip(node: gs.Node) -> bool:
-            return any(fnmatch.fnmatchcase(node.name or "", p) for p in skip_patterns)
+            return name_matches(node.name, skip_patterns)
 
         namer = Namer(graph)
         lifted = prepare.lift_constant_nodes(graph)
@@ -442,20 +441,6 @@ def _release(graph: gs.Graph) -> None:
     graph.inputs.clear()
     graph.outputs.clear()
     trim_memory()
-
-
-def trim_memory() -> None:
-    """Collect garbage and hand freed heap memory back to the OS.
-
-    Freed protobuf and numpy buffers stay resident in glibc's arenas; without a
-    trim the calibration session's allocations pile on top of them and the peak
-    grows by a model's worth of weights or more. A no-op off glibc.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _note_left_float(config: StaticConfig, present: set[str]) -> None:

@@ -37,6 +37,23 @@ def has_subgraph(node: gs.Node) -> bool:
     return False
 
 
+def unwritable(graph: gs.Graph) -> str:
+    """Why GraphSurgeon cannot write this model back as it read it ('' when it can).
+
+    It drops TYPE_PROTO attributes (an Optional without input needs its `type`)
+    and cannot export optional-typed values: a pass that edited such a model
+    would hand back a broken one, so the simplify passes leave it alone.
+    """
+    for g in all_graphs(graph):
+        for node in g.nodes:
+            if node.op == "Optional" and (node.domain or "") in ("", "ai.onnx") and not node.inputs:
+                return "an Optional node without input (its type attribute would be lost)"
+        values = [*g.inputs, *g.outputs, *(t for n in g.nodes for t in n.outputs)]
+        if any(getattr(t, "type", "tensor_type") == "optional_type" for t in values):
+            return "optional-typed values"
+    return ""
+
+
 def all_graphs(graph: gs.Graph, skip: gs.Graph | None = None) -> Iterator[gs.Graph]:
     """The graph and every subgraph below it, outermost first (leaving out `skip`)."""
     if graph is skip:
@@ -104,6 +121,13 @@ def reroute(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
     for node in list(old.outputs):
         swap_input(node, old, new)
     return True
+
+
+def is_read(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    """Whether anything sees `tensor`: a node, or an output of this graph or of a subgraph
+    below it (a branch may return an outer value as it is), which the user or the
+    enclosing node reads."""
+    return bool(tensor.outputs) or any(is_graph_output(g, tensor) for g in all_graphs(graph))
 
 
 def sole_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
