@@ -30,7 +30,7 @@ section{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:12px 
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{border-bottom:1px solid #e6e9ee;padding:3px 8px;text-align:left;vertical-align:top;
 overflow-wrap:break-word}
-th{background:#f0f2f5;cursor:pointer;white-space:nowrap;position:sticky;top:0}
+th{background:#f0f2f5;cursor:pointer;position:sticky;top:0}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .pass{color:#17702f;font-weight:600}.fail{color:#b3261e;font-weight:600}
 ul.notes{margin:6px 0 0;padding-left:18px;color:#4a5568;font-size:12.5px}
