@@ -29,7 +29,9 @@ DEFAULT_PIPELINE = "simplify"
 
 # What `optimize` writes into the output's metadata_props, so that `verify` knows whether
 # to hold the model to element-wise tolerances (lossless) or to an accuracy budget (lossy).
-META_PASSES = "onnxopt.passes"  # JSON list: {"pass", "spec"} of every pass that changed it
+# The spec of the passes that changed the model, in order (a spec `optimize` can rerun);
+# a few bytes, as a tiny model must not grow by more than its simplification saves.
+META_PASSES = "onnxopt.passes"
 META_LOSSY = "onnxopt.lossy"  # JSON list of the lossy passes among them ([] = lossless)
 META_CALIBRATION = "onnxopt.calibration"  # JSON: {"samples", "source"} of the feeds
 META_VERSION = "onnxopt.version"
@@ -268,16 +270,13 @@ def record_provenance(
     from . import __version__
 
     props = {p.key: p.value for p in model.metadata_props}
-    passes, lossy_done = _json_list(props.get(META_PASSES)), _json_list(props.get(META_LOSSY))
+    lossy_done = _json_list(props.get(META_LOSSY))
     changed = [r for r in records if r.status == "changed"]
-    seen: set[str] = set()
-    for r in changed:
-        if r.spec not in seen:
-            seen.add(r.spec)
-            passes.append({"pass": r.name, "spec": r.spec})
+    specs = list(dict.fromkeys(r.spec for r in changed))
+    passes = ",".join(x for x in (props.get(META_PASSES, ""), *specs) if x)
     lossy_done += [name for name in dict.fromkeys(r.name for r in changed) if name in lossy]
     entries = {
-        META_PASSES: json.dumps(passes),
+        META_PASSES: passes,
         META_LOSSY: json.dumps(list(dict.fromkeys(lossy_done))),
         META_VERSION: __version__,
     }

@@ -14,7 +14,6 @@ and renders them with `html.render_page`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +23,11 @@ import onnx
 
 from .bench import bench
 from .data import FeedSource
+from .errors import OnnxoptError
 from .html import Section, bar_chart, render_page
 from .model import load_model
 from .opprofile import op_latency
+from .pass_api import parse_spec
 from .pipeline import META_PASSES
 from .report import Table, bench_tables, pipeline_tables, verify_tables
 from .summary import summarize
@@ -54,12 +55,13 @@ def pipeline_section(candidate: onnx.ModelProto, pipeline: Any | None) -> Sectio
         section.tables = tables
         return section
     props = {p.key: p.value for p in candidate.metadata_props}
-    table = Table("Passes recorded in the candidate's metadata", ["#", "pass", "spec"])
+    table = Table("Passes recorded in the candidate's metadata", ["#", "pass"])
+    recorded = props.get(META_PASSES, "")
     try:
-        passes = json.loads(props.get(META_PASSES, "[]"))
-    except ValueError:
-        passes = []
-    table.rows = [[i + 1, p.get("pass", "?"), p.get("spec", "?")] for i, p in enumerate(passes)]
+        passes = [repr(step) for step in parse_spec(recorded)] if recorded else []
+    except OnnxoptError:
+        passes = [recorded]
+    table.rows = [[i + 1, p] for i, p in enumerate(passes)]
     if not passes:
         table.notes.append("the candidate carries no onnxopt metadata: made by another tool")
     section.tables = [table]

@@ -189,13 +189,13 @@ def test_provenance_is_recorded_in_metadata_and_accumulates() -> None:
     simplified = optimize(model, "simplify").model
     meta = props(simplified)
     assert json.loads(meta[META_LOSSY]) == []
-    assert {p["pass"] for p in json.loads(meta[META_PASSES])} >= {"fold-constants", "fuse-bn"}
+    assert set(meta[META_PASSES].split(",")) >= {"fold-constants", "fuse-bn"}
     assert meta[META_VERSION] and META_CALIBRATION not in meta
     feeds = RandomFeeds(model_inputs(model), 4, seed=1)
     quantized = optimize(simplified, "quantize", PassContext(feeds=feeds)).model
     meta = props(quantized)
     assert json.loads(meta[META_LOSSY]) == ["quantize"]
-    passes = [p["pass"] for p in json.loads(meta[META_PASSES])]
+    passes = meta[META_PASSES].split(",")
     assert passes[-1] == "quantize" and "fuse-bn" in passes  # the first run's passes stay
     assert json.loads(meta[META_CALIBRATION]) == {"samples": 4, "source": "RandomFeeds"}
     # A later lossless run keeps the model lossy; a run that changes nothing writes nothing.
