@@ -9,7 +9,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnxopt import PassContext, PassError, PassResult, Pipeline, optimize, register_pass
+from onnxopt import (
+    ModelError,
+    OutputError,
+    PassContext,
+    PassError,
+    PassResult,
+    Pipeline,
+    optimize,
+    register_pass,
+)
 from onnxopt.graph import bypass, tidy
 from onnxopt.pass_api import unregister_pass
 
@@ -203,3 +212,44 @@ def test_provenance_is_recorded_in_metadata_and_accumulates() -> None:
     assert json.loads(props(again)[META_LOSSY]) == ["quantize"]
     untouched = optimize(identity_chain(0), "fuse-bn").model
     assert not untouched.metadata_props
+
+
+def test_an_input_ort_refuses_without_a_custom_op_is_refused_before_any_pass() -> None:
+    # Relu of opset 1 passes the full onnx checker; ORT has no kernel for it, so
+    # "optimizing" it would write a model nothing can load.
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "old",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 1)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    ran: list[str] = []
+    with pytest.raises(ModelError, match=r"does not load in ONNX Runtime \(.*Relu\(1\)") as caught:
+        optimize(model, "simplify", PassContext(progress=lambda *a: ran.append(a[0])))
+    assert "\n" not in str(caught.value) and ran == []
+
+
+def test_a_pass_option_naming_the_model_given_by_path_is_refused(tmp_path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(identity_chain(2), path)
+    before = path.read_bytes()
+    with pytest.raises(OutputError, match=r"option cache=.*m.onnx, a file this run reads"):
+        optimize(str(path), f"quantize(cache={path})")
+    assert path.read_bytes() == before
+
+
+def test_an_op_ort_has_only_for_other_types_here_is_still_optimized() -> None:
+    # Exp in bfloat16: ORT's CPU provider has no such kernel (a GPU has), ORT has Exp(13).
+    graph = helper.make_graph(
+        [helper.make_node("Exp", ["x"], ["e"]), helper.make_node("Identity", ["e"], ["y"])],
+        "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(Exception, match=r"NOT_IMPLEMENTED.*Exp\(13\)"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    result = optimize(model, "simplify")
+    assert [n.op_type for n in result.model.graph.node] == ["Exp"]
