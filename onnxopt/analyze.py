@@ -201,6 +201,8 @@ def analyze(
         built.model, names, providers, threads=threads, optimization="basic"
     )
     count = 0
+    if progress is not None:
+        progress(0, total)  # the bar shows its total before the first, slowest run
     for batch in batches(feeds, rows):
         values = run(session, batch.feed, names)
         for stats, sums in ((iso, built.isolated), (acc, built.accumulated)):

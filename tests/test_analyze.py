@@ -163,6 +163,9 @@ def test_ranking_table_json_and_plot(cnn, tmp_path) -> None:
 
 def test_feeds_walked_once_give_the_same_result(cnn) -> None:
     model, qmodel, feeds, result = cnn
+    seen: list[tuple[int, int | None]] = []
+    counted = analyze(model, qmodel, feeds, progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (0, 4) and seen[-1] == (4, 4) and counted.samples == 4
     again = analyze(model, qmodel, (feed for feed in feeds))
     assert again.samples == result.samples
     for a, b in zip(again.layers, result.layers, strict=True):
