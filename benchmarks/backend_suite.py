@@ -217,15 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(table(tool, report["tools"][tool], len(usable)), flush=True)
     # Node counts compare only where every tool is right.
-    common = set.intersection(*(set(t["nodes"]) for t in report["tools"].values()) or [set()])
+    found_sets = [set(t["nodes"]) for t in report["tools"].values()]
+    common = set.intersection(*found_sets) if found_sets else set()
     report["nodes_where_all_ok"] = {
         "cases": len(common),
         **{tool: sum(t["nodes"][c] for c in common) for tool, t in report["tools"].items()},
     }
-    print(
-        f"nodes after simplify, summed over the {len(common)} cases every tool got right: "
-        + ", ".join(f"{tool} {report['nodes_where_all_ok'][tool]}" for tool in tools)
-    )
+    if tools:
+        print(
+            f"nodes after simplify, summed over the {len(common)} cases every tool got right: "
+            + ", ".join(f"{tool} {report['nodes_where_all_ok'][tool]}" for tool in tools)
+        )
 
     if args.quantize:
         picked = [i for i in usable if bc.quantizable(cases[i])]

@@ -55,6 +55,7 @@ def test_simplify_gets_every_sampled_case_right(sample: list[bc.BackendCase]) ->
         ("conv", "test_conv_with_strides_and_asymmetric_padding"),
         ("conv", "test_basic_conv_with_padding"),
         ("matmul", "test_matmul_3d"),
+        ("matmul", "test_matmul_4d"),  # cosine 0.87 where u8s8 kernels saturated (no VNNI)
         ("gemm", "test_gemm_default_no_bias"),
     ],
 )

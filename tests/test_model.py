@@ -145,7 +145,8 @@ def test_models_over_2gb_are_saved_with_external_data(tmp_path: Path) -> None:
         tensor = big.graph.initializer.add()
         tensor.name, tensor.data_type = f"blob{i}", TensorProto.FLOAT
         tensor.dims.append(chunk // 4)
-        tensor.raw_data = bytes(chunk)
+        # Distinct, non-zero blobs: a writer that swaps, repeats or zero-fills one is seen.
+        tensor.raw_data = (np.arange(chunk // 4, dtype=np.uint32) * (2 * i + 3) + i + 1).tobytes()
     assert tensor_bytes(big) > 2**31
     target = tmp_path / "huge.onnx"
     save_model(big, target)
@@ -157,6 +158,15 @@ def test_models_over_2gb_are_saved_with_external_data(tmp_path: Path) -> None:
     info = {e.key: e.value for e in stored.graph.initializer[3].external_data}
     assert info["location"] == data.name and int(info["length"]) == chunk
     assert len(big.graph.initializer[3].raw_data) == chunk, "the caller's model keeps its data"
+    with open(data, "rb") as stream:  # every blob back, byte for byte
+        for written, kept in zip(
+            stored.graph.initializer[1:], big.graph.initializer[1:], strict=True
+        ):
+            entry = {e.key: e.value for e in written.external_data}
+            stream.seek(int(entry.get("offset", 0)))
+            step = 64 * 2**20
+            for start in range(0, int(entry["length"]), step):
+                assert stream.read(min(step, chunk - start)) == kept.raw_data[start : start + step]
 
 
 def test_default_opset_and_upgrade() -> None:

@@ -253,3 +253,36 @@ def test_an_op_ort_has_only_for_other_types_here_is_still_optimized() -> None:
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     result = optimize(model, "simplify")
     assert [n.op_type for n in result.model.graph.node] == ["Exp"]
+
+
+def test_a_rolled_back_pass_leaves_the_model_byte_for_byte(test_passes) -> None:
+    """Weak oracle #23.11: node counts are what a rollback sets; the bytes are the proof."""
+    model = identity_chain(2)
+    alone = optimize(model, "t-drop-one-identity").model.SerializeToString()
+    for spec in ("t-dangling-input", "t-custom-op", "t-raise"):
+        result = optimize(model, f"t-drop-one-identity,{spec}")
+        assert result.records[-1].status == "rolled back"
+        assert result.model.SerializeToString() == alone, spec
+
+
+def test_a_model_above_the_disk_check_size_is_checked_and_rolled_back(test_passes) -> None:
+    """#23.9: at DISK_SESSION_BYTES and above the checks run on a saved copy with external
+    data; a breaking pass on such a model must still be rolled back, the model unchanged."""
+    from onnx import numpy_helper
+
+    from onnxopt.runtime import DISK_SESSION_BYTES
+
+    model = identity_chain(2)
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal(DISK_SESSION_BYTES // 4 + 1024).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(big, "big"))
+    model.graph.node.insert(0, helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0))
+    model.graph.node[-1].CopyFrom(helper.make_node("Sub", ["t2", "total"], ["y"]))
+    onnx.checker.check_model(model, full_check=True)
+    before = model.SerializeToString()
+    for spec in ("t-dangling-input", "t-custom-op"):
+        result = optimize(model, spec)
+        assert result.records[-1].status == "rolled back", spec
+        assert result.model.SerializeToString() == before, spec
+    x = np.ones((2, 3), np.float32)
+    np.testing.assert_allclose(run_model(result.model, x), x - big.sum(), rtol=1e-4)
