@@ -1,18 +1,17 @@
 """Per-layer error of a QDQ model against its float reference: isolated and accumulated.
 
-For every quantized node N (see `quantized_nodes`) two errors of N's output are
-measured against the float model's value of the same tensor:
+For every quantized node N (see `shadow.quantized_nodes`) two errors of N's
+dequantized output are measured against the float model's value of the same tensor:
 - accumulated: N's output in the quantized model, where everything before N is
   quantized too;
-- isolated: N's output when only N is quantized. One "shadow" model computes it for
-  every node at once: the float model plus, for each N, a copy N' that reads
-  Q->DQ'd copies of N's float activation inputs (with the scale and zero point the
-  quantized model uses for them) and the quantized model's own DQ'd weights and bias.
+- isolated: N's output when only N is quantized (its inputs, weights, bias and the
+  Q->DQ after it), computed by N's copy in the shadow model (`shadow.py`).
 
-Both models run once per sample through `runtime.iter_tensors`, side by side, and
-each node's errors go at once into running sums (`verify.ErrorStats`), so memory
-holds one sample's tensors. Nodes are ranked most sensitive first: lowest isolated
-SQNR, then lowest accumulated SQNR.
+One ORT session runs the float model, every isolated copy and the quantized model
+together, and reduces each error to three sums in the graph; only those scalars
+are read, samples share a run where the model's batch allows (`batching`), and memory
+holds one run's tensors. Nodes are ranked most sensitive first: lowest isolated SQNR,
+then lowest accumulated SQNR.
 
 The reference must be the float model the quantize pass was given (after any float
 rewrite such as smooth-quant): activations are matched by tensor name. A quantized
@@ -23,22 +22,21 @@ is matched to the float tensor of its own name or of that DQ's output.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
 
+from .batching import batches, plan_batches
 from .data import FeedSource, load_feeds, model_inputs
 from .errors import FeedError, ModelError
-from .graph import unique_name
-from .model import default_opset, inferred_shapes, load_model, upgrade_opset
+from .model import load_model
 from .report import Table
-from .runtime import FLOAT_TYPES, float_tensor_names, iter_tensors
+from .runtime import run, session_with_outputs
+from .shadow import error_model, quantized_nodes
 from .verify import ErrorStats
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -138,257 +136,11 @@ def rel_error(stats: ErrorStats) -> float:
     return math.sqrt(stats.err_sq / stats.ref_sq)
 
 
-def quantized_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Nodes of the main graph that the QDQ model runs on integers, in graph order.
-
-    Such a node (not Q/DQ itself) reads a DequantizeLinear output, and either reads a
-    dequantized constant (weight, bias, constant operand) or has a QuantizeLinear
-    reading its output. A Conv, ConvTranspose, MatMul or Gemm that reads a float
-    constant directly runs in float even when its activation input is dequantized
-    (a node excluded from quantization behind a quantized one).
-    """
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output if o}
-    constants = {t.name: t.data_type for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            attr = node.attribute[0]
-            is_float = attr.name.startswith("value_float") or (
-                attr.name == "value" and attr.t.data_type in FLOAT_TYPES
-            )
-            constants[node.output[0]] = onnx.TensorProto.FLOAT if is_float else 0
-    requantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input}
-
-    def dequantized(name: str) -> bool:
-        node = producer.get(name)
-        return node is not None and node.op_type == "DequantizeLinear"
-
-    found = []
-    for node in graph.node:
-        if node.op_type in QDQ or not any(dequantized(i) for i in node.input):
-            continue
-        if node.op_type in WEIGHTED and any(constants.get(i) in FLOAT_TYPES for i in node.input):
-            continue
-        reads_constant = any(
-            dequantized(i) and producer[i].input[0] in constants for i in node.input
-        )
-        if reads_constant or any(o in requantized for o in node.output):
-            found.append(node)
-    return found
-
-
-@dataclass
-class _Probe:
-    node: onnx.NodeProto
-    label: str  # the node's name, or op and position when it has none
-    actual: list[str]  # output names in the quantized model
-    reference: list[str]  # the same outputs' names in the float model
-    shadow: list[str]  # the outputs of the node's copy in the shadow model
-
-
-class _Shadow:
-    """Builds the shadow model: the float model plus an isolated copy of each quantized node."""
-
-    def __init__(self, reference: onnx.ModelProto, quantized: onnx.ModelProto):
-        self.model = reference
-        self.quantized = quantized
-        graph = quantized.graph
-        self.producer = {o: n for n in graph.node for o in n.output if o}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.initializers = {t.name: t for t in graph.initializer}
-        ref = reference.graph
-        self.float_values = {o for n in ref.node for o in n.output if o} | {
-            i.name for i in ref.input
-        }
-        self.float_outputs = set(float_tensor_names(reference))
-        self.taken = (
-            self.float_values
-            | {t.name for t in ref.initializer}
-            | {n.name for n in ref.node}
-            | set(self.producer)
-            | set(self.initializers)
-        )
-        self.made: dict[str, str] = {}  # quantized-model tensor -> its shadow copy
-        # The quantize pass may run row-wise layers on [rows, features] where the float
-        # model has [batch, tokens, features]: shapes tell where a float value needs a
-        # Reshape before a copied node can read it.
-        self.q_shapes = inferred_shapes(quantized)
-        self.f_shapes = inferred_shapes(reference)
-
-    def fresh(self, base: str) -> str:
-        return unique_name(f"{SHADOW}/{base}", self.taken)
-
-    def is_constant(self, name: str) -> bool:
-        node = self.producer.get(name)
-        return name in self.initializers or (node is not None and node.op_type == "Constant")
-
-    def copy_constant(self, name: str) -> str:
-        if name in self.made:
-            return self.made[name]
-        new = self.fresh(name)
-        if name in self.initializers:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(self.initializers[name])
-            tensor.name = new
-            self.model.graph.initializer.append(tensor)
-        else:
-            self.copy_node(self.producer[name], [], [new])
-        self.made[name] = new
-        return new
-
-    def copy_node(self, node: onnx.NodeProto, inputs: list[str], outputs: list[str]) -> None:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = self.fresh(node.name or node.op_type)
-        del copy.input[:]
-        copy.input.extend(inputs)
-        del copy.output[:]
-        copy.output.extend(outputs)
-        self.model.graph.node.append(copy)
-
-    def float_name(self, name: str) -> str | None:
-        """The float-model tensor that quantized-model tensor `name` stands for (its values,
-        perhaps in another shape)."""
-        if name in self.float_values:
-            return name
-        # Rows made from a float tensor, or rows a Reshape turns back into one.
-        source = self.producer.get(name)
-        if (
-            source is not None
-            and source.op_type == "Reshape"
-            and source.input[0] in self.float_values
-        ):
-            return source.input[0]
-        for reader in self.readers.get(name, []):
-            if reader.op_type == "Reshape" and reader.output[0] in self.float_values:
-                return reader.output[0]
-        # A quantized output renamed by the quantize pass: follow its Q to the DQ.
-        for q in self.readers.get(name, []):
-            if q.op_type != "QuantizeLinear":
-                continue
-            for dq in self.readers.get(q.output[0], []):
-                if dq.op_type == "DequantizeLinear" and dq.output[0] in self.float_values:
-                    return dq.output[0]
+def _length(feeds: Any) -> int | None:
+    try:
+        return len(feeds)
+    except TypeError:
         return None
-
-    def in_layout(self, float_name: str, name: str) -> str:
-        """`float_name` in the shape the quantized model gives `name` (a Reshape if needed)."""
-        want, have = self.q_shapes.get(name), self.f_shapes.get(float_name)
-        if want is None or have is None or len(want) == len(have):
-            return float_name
-        target = [d if isinstance(d, int) else -1 for d in want]
-        if target.count(-1) > 1:
-            raise _Skip(f"input '{name}' has another layout than in the float model")
-        shape = self.fresh(f"{name}_shape")
-        self.model.graph.initializer.append(
-            onnx.numpy_helper.from_array(np.array(target, np.int64), shape)
-        )
-        out = self.fresh(name)
-        self.model.graph.node.append(
-            onnx.helper.make_node("Reshape", [float_name, shape], [out], self.fresh("Reshape"))
-        )
-        return out
-
-    def shadow_input(self, name: str) -> str:
-        """The shadow-model tensor that feeds the copy in place of input `name`."""
-        if not name:
-            return name
-        if name in self.made:
-            return self.made[name]
-        dq = self.producer.get(name)
-        if dq is not None and dq.op_type == "DequantizeLinear":
-            if not all(self.is_constant(p) for p in dq.input[1:] if p):
-                raise _Skip("its DequantizeLinear has a computed scale or zero point")
-            params = [self.copy_constant(p) if p else p for p in dq.input[1:]]
-            source = dq.input[0]
-            if self.is_constant(source):
-                stored = self.copy_constant(source)
-            else:
-                q = self.producer.get(source)
-                origin = name if name in self.float_values else None
-                if origin is None and q is not None and q.op_type == "QuantizeLinear":
-                    found = self.float_name(q.input[0])
-                    origin = self.in_layout(found, q.input[0]) if found is not None else None
-                if q is None or q.op_type != "QuantizeLinear" or origin is None:
-                    raise _Skip(f"input '{name}' is not a Q/DQ of a tensor of the float model")
-                # The DQ's own scale and zero point: a DQ that absorbed a Mul by a scalar
-                # scales differently from its Q, and quantizing the Mul's float output
-                # with the DQ's parameters gives the integers the quantized model holds.
-                stored = self.fresh(f"{origin}_quantized")
-                self.copy_node(q, [origin, *params], [stored])
-            out = self.fresh(name)
-            self.copy_node(dq, [stored, *params], [out])
-        elif self.is_constant(name):
-            out = self.copy_constant(name)
-        elif self.float_name(name) is not None:
-            out = self.in_layout(self.float_name(name), name)  # type: ignore[arg-type]
-        else:
-            raise _Skip(f"input '{name}' has no counterpart in the float model")
-        self.made[name] = out
-        return out
-
-    def add(self, node: onnx.NodeProto, label: str) -> _Probe:
-        reference = [self.float_name(o) if o else None for o in node.output]
-        if not reference or reference[0] is None:
-            raise _Skip("its output has no counterpart in the float model")
-        if reference[0] not in self.float_outputs:
-            raise _Skip("its output is not floating point")
-        inputs = [self.shadow_input(i) for i in node.input]
-        outputs = [self.fresh(o) if o else "" for o in node.output]
-        self.copy_node(node, inputs, outputs)
-        pairs = [
-            (a, r, s)
-            for a, r, s in zip(node.output, reference, outputs, strict=True)
-            if a and r is not None and r in self.float_outputs
-        ]
-        return _Probe(
-            node, label, [p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs]
-        )
-
-
-class _Skip(Exception):
-    """A node the analysis cannot isolate; the message says why."""
-
-
-def _shadow_model(
-    reference: onnx.ModelProto, quantized: onnx.ModelProto
-) -> tuple[onnx.ModelProto, list[_Probe], list[str]]:
-    """The float model plus an isolated copy of every quantized node, and notes on skips."""
-    target = default_opset(quantized)
-    base = upgrade_opset(reference, target) if default_opset(reference) < target else reference
-    model = onnx.ModelProto()
-    model.CopyFrom(base)
-    model.ir_version = max(model.ir_version, quantized.ir_version)
-    domains = {o.domain: o for o in model.opset_import}
-    for entry in quantized.opset_import:
-        if entry.domain not in domains:
-            model.opset_import.append(entry)
-        elif domains[entry.domain].version < entry.version:
-            domains[entry.domain].version = entry.version
-    shadow = _Shadow(model, quantized)
-    probes: list[_Probe] = []
-    skipped: dict[str, list[str]] = {}
-    for index, node in enumerate(quantized_nodes(quantized)):
-        label = node.name or f"{node.op_type}_{index}"
-        kept_nodes = len(model.graph.node)
-        kept_inits = len(model.graph.initializer)
-        made = dict(shadow.made)
-        try:
-            probes.append(shadow.add(node, label))
-        except _Skip as why:
-            # Undo the half-built copy so the shadow model holds only whole probes.
-            del model.graph.node[kept_nodes:]
-            del model.graph.initializer[kept_inits:]
-            shadow.made = made
-            skipped.setdefault(str(why), []).append(label)
-    notes = [
-        f"not analysed, {reason}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
-        for reason, names in skipped.items()
-    ]
-    return model, probes, notes
 
 
 def _like(value: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -408,6 +160,7 @@ def analyze(
     shapes: dict[str, tuple[int, ...]] | None = None,
     samples: int = 8,
     seed: int = 0,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> AnalysisResult:
     """Isolated and accumulated error of every quantized node of `quantized` against `reference`.
 
@@ -427,7 +180,11 @@ def analyze(
             f"the models take different inputs (reference {ref_inputs}, quantized "
             f"{q_inputs}): analyse a model against the float model it was made from"
         )
-    shadow, probes, notes = _shadow_model(ref_model, q_model)
+    try:
+        built = error_model(ref_model, q_model)
+    except ValueError as exc:
+        raise ModelError(f"analyze cannot run this quantized model: it holds {exc}") from None
+    probes, notes = built.probes, built.notes
     if not probes:
         raise ModelError(
             "the quantized model has no node that reads a DequantizeLinear output: analyse a "
@@ -435,24 +192,30 @@ def analyze(
         )
     iso = [ErrorStats(p.label) for p in probes]
     acc = [ErrorStats(p.label) for p in probes]
-    shadow_names = list(dict.fromkeys(n for p in probes for n in (*p.reference, *p.shadow)))
-    actual_names = list(dict.fromkeys(n for p in probes for n in p.actual))
-    # tee keeps the two runs on the same sample, even when `feeds` can be walked only once.
-    shadow_feeds, quant_feeds = itertools.tee(feeds)
-    shadow_iter = iter_tensors(
-        shadow, shadow_feeds, shadow_names, providers=providers, threads=threads
-    )
-    quant_iter = iter_tensors(
-        q_model, quant_feeds, actual_names, providers=providers, threads=threads
+    names = built.outputs
+    total = _length(feeds)
+    # Only scalar sums leave ORT: samples share a run as far as the float model's batch
+    # allows (`batching`), and a sum over a run is the sum over its samples.
+    rows = plan_batches(ref_model, list(dict.fromkeys(r for p in probes for r in p.reference))).rows
+    session = session_with_outputs(
+        built.model, names, providers, threads=threads, optimization="basic"
     )
     count = 0
-    for floats, quants in zip(shadow_iter, quant_iter, strict=True):
-        for p, isolated, accumulated in zip(probes, iso, acc, strict=True):
-            for actual, ref, copy in zip(p.actual, p.reference, p.shadow, strict=True):
-                expected = floats[ref]
-                isolated.update(expected, _like(floats[copy], expected))
-                accumulated.update(expected, _like(quants[actual], expected))
-        count += 1
+    if progress is not None:
+        progress(0, total)  # the bar shows its total before the first, slowest run
+    for batch in batches(feeds, rows):
+        values = run(session, batch.feed, names)
+        for stats, sums in ((iso, built.isolated), (acc, built.accumulated)):
+            for stat, probe_sums in zip(stats, sums, strict=True):
+                for pair in probe_sums:
+                    rr, cc, ee = (float(values[pair[k]]) for k in ("ref_sq", "cand_sq", "err_sq"))
+                    stat.ref_sq += rr
+                    stat.cand_sq += cc
+                    stat.err_sq += ee
+                    stat.dot += (rr + cc - ee) / 2
+        count += batch.samples
+        if progress is not None:
+            progress(count, total)
     if count == 0:
         raise FeedError("no feeds to analyse on: the data holds no samples")
     layers = [

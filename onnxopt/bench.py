@@ -4,11 +4,19 @@ Every (model, provider) pair gets its own session and warm-up. Then the timed
 runs are interleaved: round r runs every pair once, starting at a different
 pair each round, so that a burst of load on a shared machine hits all models
 alike and the ratios between them survive it. The speed-up column divides the
-first model's median by each model's median on the same provider.
+first model's median by each model's median on the same provider, and samples/s
+is the batch over the median too, so the two columns always agree.
+
+A speed-up is shown as "≈1.0x" when it is within the run-to-run spread: when the
+95 % confidence interval of the median of the per-round ratios (paired runs of the
+same round; distribution-free, from order statistics) contains 1, or when it lies
+within 10 % of 1: two sessions of one model, interleaved, came out up to 7 % apart on
+a 2-core machine shared with other jobs (tests/test_bench.py's identical-model bench).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +30,8 @@ from .data import FeedSource, load_feeds
 from .model import load_model
 from .runtime import create_session, run
 
+NOISE_FLOOR = 1.1
+
 
 @dataclass
 class Timing:
@@ -30,6 +40,8 @@ class Timing:
     batch: int
     latencies_ms: list[float] = field(default_factory=list)
     speedup: float | None = None
+    speedup_interval: tuple[float, float] | None = None
+    baseline: bool = False
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q))
@@ -52,8 +64,24 @@ class Timing:
 
     @property
     def throughput(self) -> float:
-        """Samples per second at the mean latency."""
-        return self.batch * 1000.0 / self.mean
+        """Samples per second at the median latency (the statistic the speed-up uses)."""
+        return self.batch * 1000.0 / self.p50
+
+    @property
+    def noise(self) -> bool:
+        """Whether the speed-up is within the run-to-run spread (see the module docstring)."""
+        if self.speedup is None:
+            return False
+        low, high = self.speedup_interval or (math.nan, math.nan)
+        return low <= 1.0 <= high or abs(math.log(self.speedup)) < math.log(NOISE_FLOOR)
+
+    @property
+    def speedup_text(self) -> str:
+        if self.speedup is None:
+            return "-"
+        if self.baseline:
+            return "1.00x"
+        return "≈1.0x" if self.noise else f"{self.speedup:.2f}x"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +95,8 @@ class Timing:
             "mean_ms": self.mean,
             "throughput_per_s": self.throughput,
             "speedup_vs_first": self.speedup,
+            "speedup_interval_95": list(self.speedup_interval) if self.speedup_interval else None,
+            "speedup_within_noise": self.noise,
         }
 
 
@@ -134,6 +164,26 @@ def bench(
             progress(r + 1, runs)
     for provider in providers:
         group = [t for t, _ in pairs if t.provider == provider]
+        group[0].baseline = True
         for timing in group:
             timing.speedup = group[0].p50 / timing.p50
+            timing.speedup_interval = median_interval(
+                np.asarray(group[0].latencies_ms) / np.asarray(timing.latencies_ms)
+            )
     return BenchResult([t for t, _ in pairs], runs, warmup, threads)
+
+
+def median_interval(values: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """The ~95 % confidence interval of the median: order statistics n/2 -+ z*sqrt(n)/2.
+
+    Distribution-free (a sign test), so a few slow rounds on a shared machine widen it
+    only as much as they move the middle.
+    """
+    ordered = np.sort(values)
+    n = len(ordered)
+    if n == 0:
+        return (math.nan, math.nan)
+    half = z * math.sqrt(n) / 2
+    low = max(0, int(math.floor(n / 2 - half)))
+    high = min(n - 1, int(math.ceil(n / 2 + half)) - 1)
+    return float(ordered[low]), float(ordered[max(low, high)])

@@ -8,6 +8,7 @@ the pipeline stops with a PassError instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -28,6 +29,18 @@ from .pass_api import Group, Pass, PassContext, Step, parse_spec
 from .runtime import DISK_SESSION_BYTES, create_session, has_kernel
 
 DEFAULT_PIPELINE = "simplify"
+
+# What `optimize` writes into the output's metadata_props, so that `verify` knows whether
+# to hold the model to element-wise tolerances (lossless) or to an accuracy budget (lossy).
+# The spec of the passes that changed the model, in order (a spec `optimize` can rerun);
+# a few bytes, as a tiny model must not grow by more than its simplification saves.
+META_PASSES = "onnxopt.passes"
+META_LOSSY = "onnxopt.lossy"  # JSON list of the lossy passes among them ([] = lossless)
+META_CALIBRATION = "onnxopt.calibration"  # JSON: {"samples", "source"} of the feeds
+META_VERSION = "onnxopt.version"
+# Passes whose output computes something else than their input by design. A plugin pass
+# says so with a class attribute `lossy = True`.
+LOSSY_PASSES = frozenset({"quantize", "convert-fp16", "prune-channels", "sparsify"})
 
 
 @dataclass
@@ -160,6 +173,8 @@ class Pipeline:
         records: list[PassRecord] = []
         with protected(reads):
             current = self._run_steps(self.steps, current, ctx, records, round_no=1)
+        if any(r.status == "changed" for r in records):
+            record_provenance(current, records, ctx, self._lossy_names())
         return PipelineResult(
             model=current,
             records=records,
@@ -167,6 +182,17 @@ class Pipeline:
             nodes_before=before,
             nodes_after=G.node_count(current),
         )
+
+    def _lossy_names(self) -> set[str]:
+        names = set(LOSSY_PASSES)
+        stack: list[Step] = list(self.steps)
+        while stack:
+            step = stack.pop()
+            if isinstance(step, Group):
+                stack += step.steps
+            elif getattr(step, "lossy", False):
+                names.add(step.name)
+        return names
 
     def _run_steps(
         self,
@@ -283,6 +309,50 @@ class Pipeline:
             )
         )
         return candidate, result.changed
+
+
+def record_provenance(
+    model: onnx.ModelProto, records: Sequence[PassRecord], ctx: PassContext, lossy: set[str]
+) -> None:
+    """Write what the pipeline did into `model.metadata_props`, after what an earlier run wrote.
+
+    A model optimized twice (quantize, then simplify) stays lossy: the lists grow.
+    """
+    from . import __version__
+
+    props = {p.key: p.value for p in model.metadata_props}
+    lossy_done = _json_list(props.get(META_LOSSY))
+    changed = [r for r in records if r.status == "changed"]
+    specs = list(dict.fromkeys(r.spec for r in changed))
+    passes = ",".join(x for x in (props.get(META_PASSES, ""), *specs) if x)
+    lossy_done += [name for name in dict.fromkeys(r.name for r in changed) if name in lossy]
+    entries = {
+        META_PASSES: passes,
+        META_LOSSY: json.dumps(list(dict.fromkeys(lossy_done))),
+        META_VERSION: __version__,
+    }
+    if ctx.feeds is not None and any(r.name in lossy for r in changed):
+        try:
+            samples: int | None = len(ctx.feeds)
+        except TypeError:
+            samples = None
+        source = {"samples": samples, "source": type(ctx.feeds).__name__}
+        entries[META_CALIBRATION] = json.dumps(source)
+    for key, value in entries.items():
+        for prop in model.metadata_props:
+            if prop.key == key:
+                prop.value = value
+                break
+        else:
+            model.metadata_props.add(key=key, value=value)
+
+
+def _json_list(text: str | None) -> list[Any]:
+    try:
+        value = json.loads(text) if text else []
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
 
 
 def _rollback_logger(logger: logging.Logger) -> logging.Logger:

@@ -151,40 +151,39 @@ def pipeline_tables(result: Any) -> list[Table]:
 
 def verify_tables(result: Any, max_layers: int = 20) -> list[Table]:
     verdict = "PASS" if result.passed else "FAIL"
-    cols = [
-        "output",
-        "max abs",
-        "mean abs",
-        "max rel",
-        "cosine",
-        "SQNR dB",
-        "PSNR dB",
-        "argmax agree",
-        "violations",
-        "result",
-    ]
-    table = Table(
-        f"Verify: {verdict} on {result.samples} samples (rtol={result.rtol:g}, "
-        f"atol={result.atol:g}"
-        + (f", min cosine={result.min_cosine:g}" if result.min_cosine is not None else "")
-        + ")",
-        cols,
-    )
+    title = f"Verify: {verdict} on {result.samples} samples, {result.rule}"
+    if result.lossy:
+        cols = ["output", "form", "cosine", "SQNR dB", "max rel", "task metric", "result"]
+    else:
+        cols = ["output", "max abs", "mean abs", "max rel", "cosine", "SQNR dB", "PSNR dB"]
+        cols += ["argmax agree", "violations", "result"]
+    table = Table(title, cols)
     for o in result.outputs:
-        table.rows.append(
-            [
-                o.name,
-                o.max_abs,
-                o.mean_abs,
-                o.max_rel,
-                o.cosine,
-                o.sqnr_db,
-                o.psnr_db,
-                o.argmax_agreement,
-                o.violations,
-                "pass" if o.passed(result.min_cosine) else "FAIL",
-            ]
-        )
+        ok, misses = result.judge(o)
+        verdict_cell = "pass" if ok else "FAIL: " + "; ".join(misses)
+        if result.lossy:
+            task = result.tasks[o.name]
+            table.rows.append(
+                [o.name, task.form, o.cosine, o.sqnr_db, o.max_rel, task.describe(), verdict_cell]
+            )
+        else:
+            table.rows.append(
+                [
+                    o.name,
+                    o.max_abs,
+                    o.mean_abs,
+                    o.max_rel,
+                    o.cosine,
+                    o.sqnr_db,
+                    o.psnr_db,
+                    o.argmax_agreement,
+                    o.violations,
+                    verdict_cell,
+                ]
+            )
+    table.notes.append("max rel = max |cand - ref| / max |ref| over the output")
+    if any(o.exact for o in result.outputs):
+        table.notes.append("integer and bool outputs are compared exactly")
     tables = [table]
     if result.layers:
         layers = Table(
@@ -204,7 +203,11 @@ def verify_tables(result: Any, max_layers: int = 20) -> list[Table]:
 def bench_tables(result: Any) -> list[Table]:
     table = Table(
         f"Latency, {result.runs} interleaved runs after {result.warmup} warm-up"
-        + (f", {result.threads} threads" if result.threads else ""),
+        + (
+            f", {result.threads} thread{'s' if result.threads != 1 else ''}"
+            if result.threads
+            else ""
+        ),
         ["model", "provider", "p50 ms", "p90 ms", "p99 ms", "mean ms", "samples/s", "speed-up"],
     )
     for t in result.timings:
@@ -217,7 +220,11 @@ def bench_tables(result: Any) -> list[Table]:
                 t.p99,
                 t.mean,
                 t.throughput,
-                f"{t.speedup:.2f}x" if t.speedup is not None else "-",
+                t.speedup_text,
             ]
         )
+    table.notes.append(
+        "samples/s and speed-up from the median; ≈1.0x: within the run-to-run spread "
+        "(the 95 % interval of the per-round ratio holds 1)"
+    )
     return [table]

@@ -163,6 +163,9 @@ def test_ranking_table_json_and_plot(cnn, tmp_path) -> None:
 
 def test_feeds_walked_once_give_the_same_result(cnn) -> None:
     model, qmodel, feeds, result = cnn
+    seen: list[tuple[int, int | None]] = []
+    counted = analyze(model, qmodel, feeds, progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (0, 4) and seen[-1] == (4, 4) and counted.samples == 4
     again = analyze(model, qmodel, (feed for feed in feeds))
     assert again.samples == result.samples
     for a, b in zip(again.layers, result.layers, strict=True):
@@ -243,3 +246,65 @@ def test_plot_is_none_without_matplotlib(cnn, monkeypatch) -> None:
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
     assert result.plot_png() is None
+
+
+def scaled_chain() -> onnx.ModelProto:
+    """Conv -> hard-swish (its last Mul by 1/6) -> Conv -> Relu -> Conv with weight outliers."""
+    rng = np.random.default_rng(0)
+    w_c = rng.normal(0, 0.1, (8, 8, 3, 3)).astype(np.float32)
+    w_c[:, 0, 0, 0] = 40.0  # per-channel int8 then rounds every other weight to 0
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "w_a"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "w_b"),
+        numpy_helper.from_array(w_c, "w_c"),
+        numpy_helper.from_array(np.array(1 / 6, np.float32), "sixth"),
+        numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+    ]
+    pads = {"pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "w_a"], ["a"], "conv_a", **pads),
+        # Hard-swish as Paddle exports it: x * clip(x + 3, 0, 6) / 6, the Div a Mul.
+        helper.make_node("Add", ["a", "three"], ["a3"], "hswish_add"),
+        helper.make_node("Clip", ["a3", "zero", "six"], ["a_clip"], "hswish_clip"),
+        helper.make_node("Mul", ["a", "a_clip"], ["a_mul"], "hswish_mul"),
+        helper.make_node("Mul", ["a_mul", "sixth"], ["a_scaled"], "scale"),
+        helper.make_node("Conv", ["a_scaled", "w_b"], ["b"], "conv_b", **pads),
+        helper.make_node("Relu", ["b"], ["b_relu"], "relu_b"),
+        helper.make_node("Conv", ["b_relu", "w_c"], ["y"], "conv_c", **pads),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "scaled",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 16, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 16, 16])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_scalar_mul_merged_into_a_scale_is_accounted_for() -> None:
+    model = scaled_chain()
+    rng = np.random.default_rng(1)
+    feeds = ListFeeds(
+        [{"x": rng.normal(0, 1, (1, 4, 16, 16)).astype(np.float32)} for _ in range(8)],
+        model_inputs(model),
+    )
+    qmodel = optimize(model, "quantize", PassContext(feeds=feeds), strict=True).model
+    # The Mul by 1/6 is gone: a DequantizeLinear with a sixth of its Q's scale writes its output.
+    assert "scale" not in {n.name for n in qmodel.graph.node}
+    assert any(
+        n.op_type == "DequantizeLinear" and n.output[0] == "a_scaled" for n in qmodel.graph.node
+    )
+    result = analyze(model, qmodel, feeds)
+    print(result.layers)
+    assert result.layers[0].node == "conv_c"
+    for e in result.layers:
+        for cosine, sqnr in (
+            (e.isolated_cosine, e.isolated_sqnr_db),
+            (e.accumulated_cosine, e.accumulated_sqnr_db),
+        ):
+            assert not (cosine > 0.999 and sqnr < 20), e
+    merged = result.layer("hswish_mul")
+    assert merged.output == "a_scaled" and merged.isolated_sqnr_db > 30

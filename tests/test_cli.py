@@ -407,15 +407,6 @@ def test_passes_shows_one_pass_with_what_each_option_does(tmp_path: Path) -> Non
     assert len(unknown.stderr.strip().splitlines()) == 1
 
 
-def test_demo_optimizes_verifies_and_benches(tmp_path: Path) -> None:
-    result = onnxopt("demo", "--out-dir", tmp_path, "--runs", "5")
-    assert result.returncode == 0, result.stderr
-    original = onnx.load(tmp_path / "demo_cnn.onnx")
-    optimized = onnx.load(tmp_path / "demo_cnn.opt.onnx")
-    assert len(optimized.graph.node) < len(original.graph.node)
-    assert "Verify: PASS" in result.stdout and "speed-up" in result.stdout
-
-
 def test_verify_on_an_image_folder(model_dir: Path, tmp_path: Path) -> None:
     from PIL import Image
 

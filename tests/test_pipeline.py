@@ -184,6 +184,36 @@ def test_a_model_ort_cannot_load_is_checked_with_the_onnx_checker_only(test_pass
     onnx.checker.check_model(result.model, full_check=True)
 
 
+def test_provenance_is_recorded_in_metadata_and_accumulates() -> None:
+    import json
+
+    from onnxopt.data import RandomFeeds, model_inputs
+    from onnxopt.pipeline import META_CALIBRATION, META_LOSSY, META_PASSES, META_VERSION
+    from onnxopt.test_models import builders
+
+    def props(model: onnx.ModelProto) -> dict[str, str]:
+        return {p.key: p.value for p in model.metadata_props}
+
+    model = builders.cnn(seed=0, size=16)
+    simplified = optimize(model, "simplify").model
+    meta = props(simplified)
+    assert json.loads(meta[META_LOSSY]) == []
+    assert set(meta[META_PASSES].split(",")) >= {"fold-constants", "fuse-bn"}
+    assert meta[META_VERSION] and META_CALIBRATION not in meta
+    feeds = RandomFeeds(model_inputs(model), 4, seed=1)
+    quantized = optimize(simplified, "quantize", PassContext(feeds=feeds)).model
+    meta = props(quantized)
+    assert json.loads(meta[META_LOSSY]) == ["quantize"]
+    passes = meta[META_PASSES].split(",")
+    assert passes[-1] == "quantize" and "fuse-bn" in passes  # the first run's passes stay
+    assert json.loads(meta[META_CALIBRATION]) == {"samples": 4, "source": "RandomFeeds"}
+    # A later lossless run keeps the model lossy; a run that changes nothing writes nothing.
+    again = optimize(quantized, "cleanup").model
+    assert json.loads(props(again)[META_LOSSY]) == ["quantize"]
+    untouched = optimize(identity_chain(0), "fuse-bn").model
+    assert not untouched.metadata_props
+
+
 def test_an_input_ort_refuses_without_a_custom_op_is_refused_before_any_pass() -> None:
     # Relu of opset 1 passes the full onnx checker; ORT has no kernel for it, so
     # "optimizing" it would write a model nothing can load.

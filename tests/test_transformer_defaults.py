@@ -308,4 +308,5 @@ def test_defaults_change_nothing_on_a_cnn() -> None:
     with_defaults, record = quantize(model, "quantize", feeds)
     without, _ = quantize(model, "quantize(transformer_defaults=false)", feeds)
     assert not any("transformer defaults" in n for n in record.notes)
-    assert with_defaults.SerializeToString() == without.SerializeToString()
+    # The graphs are identical; only the metadata differs (it records each run's spec).
+    assert with_defaults.graph.SerializeToString() == without.graph.SerializeToString()
