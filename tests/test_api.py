@@ -34,7 +34,7 @@ def test_verify_bench_and_optimize_file_take_data_and_shape(any_size: Path, tmp_
     result = onnxopt.optimize_file(any_size, out, passes="simplify,quantize", data=npz)
     assert result.records[-1].status == "changed"
     check = onnxopt.verify(any_size, out, data=npz)
-    assert check.samples == 4 and check.outputs[0].argmax_agreement == 1.0
+    assert check.samples == 4 and check.passed  # by the lossy budget: the metadata says quantize
     # Random feeds: the shape as a mapping or as the CLI writes it.
     for shape in ({"image": (1, 3, 16, 16)}, "image=1x3x16x16"):
         assert onnxopt.verify(any_size, any_size, shape=shape, samples=2).outputs[0].max_abs == 0
