@@ -1,16 +1,19 @@
-"""Peak memory of calibration does not grow with the number of samples.
+"""Peak memory of `quantize(calibrate=entropy)` through the CLI does not grow with samples.
 
-    python benchmarks/calibration_memory.py [--samples 8,64] [--size 640]
+    python benchmarks/calibration_memory.py [--samples 16,64,256] [--size 640] [--repeats 1]
 
-Each run is a fresh child process that calibrates PP-OCRv4 detection on N
-synthetic text pages (the generator of benchmarks/quantize.py) with histograms,
-exactly as `quantize(calibrate=entropy)` does: every float node output the pass
-calibrates, streamed one sample at a time through `onnxopt.calibration`. The
-child reports its peak RSS (VmHWM) and wall time; the table shows both per
-sample count and the ratio between the largest and the smallest count.
+For each sample count N, the script writes one .npz holding N seeded synthetic text
+pages (`onnxopt.test_models.textpages.text_page`) as the array `x` [N, 3, size, size],
+then runs, as a whole process,
 
-Pages are generated inside the child, one at a time, so the feeds themselves
-hold one sample at a time too (a FeedSource that renders lazily).
+    python -m onnxopt optimize det.onnx -o q.onnx --data calib_N.npz \\
+        --passes "quantize(calibrate=entropy)"
+
+on PP-OCRv4 detection, and reads that process's peak RSS from the kernel
+(`resource.getrusage(RUSAGE_CHILDREN)` in a fresh wrapper process that waits for it
+alone). Runs are interleaved over the counts when repeated. The table shows the median
+peak RSS and wall time per count and the ratio of the largest count's peak to the
+smallest's.
 
 Writes benchmarks/results/calibration_memory.json and .md and prints the table.
 """
@@ -18,110 +21,138 @@ Writes benchmarks/results/calibration_memory.json and .md and prints the table.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+WRAPPER = (
+    "import resource, subprocess, sys, time\n"
+    "start = time.perf_counter()\n"
+    "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "seconds = time.perf_counter() - start\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+    "print(done.returncode, peak, seconds)\n"
+    "sys.stderr.write(done.stderr)\n"
+)
 
 
-def child(samples: int, size: int) -> None:
-    import onnx
+def write_pages(path: Path, samples: int, size: int) -> None:
+    """`samples` seeded pages [N, 3, size, size] float32 in one uncompressed .npz, written
+    a page at a time (the writer holds one page, as the reader should)."""
+    import zipfile
 
-    from onnxopt.api import quiet_libraries
-    from onnxopt.calibration import calibrate
-    from onnxopt.data import FeedSource, model_inputs
-    from onnxopt.runtime import float_tensor_names
-    from onnxopt.test_models import fetch
+    from onnxopt.test_models.textpages import text_page
 
-    sys.path.insert(0, str(HERE))
-    from quantize import peak_rss_mb, text_page
-
-    quiet_libraries()
-    model = onnx.load(fetch.fetch("ppocr_det"))
-
-    class Pages(FeedSource):
-        specs = model_inputs(model)
-
-        def __iter__(self) -> Iterator[dict]:
+    header = {"descr": "<f4", "fortran_order": False, "shape": (samples, 3, size, size)}
+    with zipfile.ZipFile(path, "w") as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as stream:
+            np.lib.format.write_array_header_2_0(stream, header)
             for i in range(samples):
-                yield {"x": text_page(1000 + i, size)}
+                stream.write(np.ascontiguousarray(text_page(1000 + i, size)).tobytes())
 
-        def __len__(self) -> int:
-            return samples
 
-    names = float_tensor_names(model)
-    baseline = peak_rss_mb()
-    start = time.perf_counter()
-    result = calibrate(model, Pages(), names, histograms=True)
-    seconds = time.perf_counter() - start
-    ranges = [result.range(n, "entropy") for n in names[:3]]
-    print(
-        json.dumps(
-            {
-                "samples": result.samples,
-                "tensors": len(names),
-                "seconds": seconds,
-                "peak_rss_mb": peak_rss_mb(),
-                "before_calibration_mb": baseline,
-                "first_ranges": ranges,
-            }
-        )
-    )
+def cpu_name() -> str:
+    """The CPU's model name (lscpu's), and the machine type."""
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    return platform.machine()
+
+
+def run_once(model: Path, data: Path, out: Path) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "onnxopt",
+        "optimize",
+        str(model),
+        "-o",
+        str(out),
+        "--data",
+        str(data),
+        "--passes",
+        "quantize(calibrate=entropy)",
+        "-q",
+    ]
+    done = subprocess.run([sys.executable, "-c", WRAPPER, *command], capture_output=True, text=True)
+    code, peak, seconds = done.stdout.split()
+    if int(code) != 0:
+        raise SystemExit(f"onnxopt failed: {done.stderr.strip()}")
+    return {"peak_rss_mb": float(peak), "seconds": float(seconds)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", default="8,64")
+    parser.add_argument("--samples", default="16,64,256")
     parser.add_argument("--size", type=int, default=640)
-    parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    if args.child:
-        child(*args.child)
-        return 0
     from onnxopt.report import Table, render_markdown, render_terminal, write_json, write_text
+    from onnxopt.test_models import fetch
 
     counts = [int(c) for c in args.samples.split(",") if c]
-    runs = []
-    for count in counts:
-        print(f"calibrating on {count} samples ...", file=sys.stderr, flush=True)
-        command = [sys.executable, __file__, "--child", str(count), str(args.size)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(done.stderr.strip().splitlines()[-1])
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    model = fetch.fetch("ppocr_det")
+    runs: dict[int, list[dict]] = {n: [] for n in counts}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for n in counts:
+            print(f"writing {n} pages ...", file=sys.stderr, flush=True)
+            write_pages(folder / f"calib_{n}.npz", n, args.size)
+        for repeat in range(args.repeats):
+            order = counts if repeat % 2 == 0 else counts[::-1]
+            for n in order:
+                print(f"optimize with {n} samples ...", file=sys.stderr, flush=True)
+                data = folder / f"calib_{n}.npz"
+                result = run_once(model, data, folder / "q.onnx")
+                result["npz_mb"] = data.stat().st_size / 2**20
+                runs[n].append(result)
     table = Table(
-        f"Calibration memory, PP-OCRv4 detection {args.size}x{args.size}, histograms on "
-        f"{runs[0]['tensors']} tensors",
-        ["samples", "peak RSS MB", "RSS before calibration MB", "seconds", "s / sample"],
+        f"Calibration memory through the CLI, PP-OCRv4 det {args.size}x{args.size}, "
+        "quantize(calibrate=entropy), one .npz",
+        ["samples", ".npz MB", "peak RSS MB (median)", "peak RSS MB (min-max)", "seconds"],
     )
-    for run in runs:
+    medians = {}
+    for n in counts:
+        peaks = [r["peak_rss_mb"] for r in runs[n]]
+        medians[n] = statistics.median(peaks)
         table.rows.append(
             [
-                run["samples"],
-                round(run["peak_rss_mb"]),
-                round(run["before_calibration_mb"]),
-                round(run["seconds"], 1),
-                round(run["seconds"] / run["samples"], 2),
+                n,
+                round(runs[n][0]["npz_mb"]),
+                round(medians[n]),
+                f"{round(min(peaks))}-{round(max(peaks))}",
+                round(statistics.median(r["seconds"] for r in runs[n]), 1),
             ]
         )
-    growth = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]
-    table.notes.append(
-        f"peak RSS at {runs[-1]['samples']} samples / at {runs[0]['samples']} samples: "
-        f"{growth:.3f} ({datetime.date.today().isoformat()})"
-    )
+    growth = medians[counts[-1]] / medians[counts[0]]
+    table.notes.append(f"peak RSS at {counts[-1]} samples / at {counts[0]} samples: {growth:.3f}")
     render_terminal([table])
     RESULTS.mkdir(exist_ok=True)
     command = "python benchmarks/calibration_memory.py " + " ".join(sys.argv[1:])
-    write_json(RESULTS / "calibration_memory.json", {"command": command.strip(), "runs": runs})
-    write_text(
-        RESULTS / "calibration_memory.md", f"`{command.strip()}`\n\n" + render_markdown([table])
+    markdown = f"`{command.strip()}`\n\n" + render_markdown([table])
+    write_json(
+        RESULTS / "calibration_memory.json",
+        {
+            "command": command.strip(),
+            "machine": cpu_name(),
+            "date": time.strftime("%Y-%m-%d"),
+            "runs": {str(n): runs[n] for n in counts},
+            "growth": round(growth, 3),
+            "markdown": markdown,
+        },
     )
+    write_text(RESULTS / "calibration_memory.md", markdown)
+    print(markdown)
     return 0
 
 

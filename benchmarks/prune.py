@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from onnxopt import PassContext, bench, inspect, optimize
@@ -198,12 +199,183 @@ def accuracy() -> tuple[Table, dict]:
     return table, data
 
 
+def _ratios(result, labels: list[str]) -> list[tuple[float, float, float, float]]:
+    """(p25 ms, p50 ms, p25 ratio, median ratio) of each label against the first."""
+    first = result.timing(labels[0])
+    out = []
+    for label in labels:
+        t = result.timing(label)
+        p25, p50 = t.percentile(25), t.p50
+        out.append((p25, p50, first.percentile(25) / p25, first.p50 / p50))
+    return out
+
+
+def round_to_speed(runs: int, threads: int) -> tuple[Table, list]:
+    """ratio=0.3 with round_to 1, 4, 8, 16 on ResNet-50 (seeded) and PP-OCRv4 det."""
+    table = Table(
+        f"prune-channels(ratio=0.3) by round_to, CPU provider, {threads} thread(s), "
+        f"{runs} interleaved runs",
+        ["model", "round_to", "MACs G", "p25 ms", "p50 ms", "p25 speed-up", "median speed-up"],
+    )
+    resnet = next(p for p in fetch.light_models() if p.stem == "light_resnet50")
+    cases = [
+        ("resnet50", seeded_weights(onnx.load(resnet)), {}),
+        ("ppocr_det", onnx.load(fetch.fetch("ppocr_det")), {"x": (1, 3, 640, 640)}),
+    ]
+    data = []
+    for label, model, shapes in cases:
+        model = optimize(model, "fold-constants").model
+        ctx = PassContext(shapes=shapes)
+        variants = {"original": model}
+        for round_to in ROUND_TO:
+            spec = f"prune-channels(ratio=0.3,round_to={round_to},latency_check=false)"
+            variants[f"round_to={round_to}"] = optimize(model, spec, ctx).model
+        feeds = RandomFeeds(model_inputs(model), 1, shapes=shapes)
+        names = list(variants)
+        result = bench(
+            list(variants.values()), labels=names, feeds=feeds, threads=threads, runs=runs
+        )
+        for name, (p25, p50, r25, r50) in zip(names, _ratios(result, names), strict=True):
+            macs = inspect(variants[name], shapes=shapes).macs / 1e9
+            table.rows.append([label, name, round(macs, 3), p25, p50, f"{r25:.2f}x", f"{r50:.2f}x"])
+            data.append({"model": label, "variant": name, "macs": macs, "p25_ms": p25,
+                         "p50_ms": p50, "p25_speedup": r25, "median_speedup": r50})  # fmt: skip
+        print(render_markdown([table]), file=sys.stderr)
+    return table, data
+
+
+ROUND_TO = (1, 4, 8, 16)
+
+
+def target_table(runs: int, threads: int) -> tuple[Table, list]:
+    """The README and issue-18 cases: target or ratio, held-out metric on unseen data, speed."""
+    from onnxopt.test_models import textlines
+
+    table = Table(
+        f"prune-channels to a target, CPU provider, {threads} thread(s), {runs} interleaved "
+        "runs; metric on data the pass never saw",
+        ["model", "spec", "channels removed %", "MACs M before->after",
+         "params k before->after", "unseen metric", "p25 speed-up", "median speed-up"],
+    )  # fmt: skip
+    cls = optimize(onnx.load(fetch.fetch("ppocr_cls")), "simplify").model
+    lines = textlines.labelled_feeds(400, 1)[0]
+    unseen = textlines.labelled_feeds(400, 2)[0]
+    model = optimize(onnx.load(digits.DIGITS_CNN), "simplify").model
+    x_train, _, x_test, y_test = digits.load_digits_split()
+    half = len(y_test) // 2
+    x = np.concatenate([x_train[:512], x_test[:half]])
+    resnet = next(p for p in fetch.light_models() if p.stem == "light_resnet50")
+    resnet = optimize(seeded_weights(onnx.load(resnet)), "fold-constants").model
+    cases = [
+        ("ppocr_cls", cls, "prune-channels(target=top1:0.995,holdout=0.5)", lines,
+         lambda m: f"agreement {agreement(cls, m, unseen):.4f} on 400 lines"),
+        ("digits CNN", model,
+         f"prune-channels(target=top1:0.995,holdout={half / len(x):.6f},round_to=1)",
+         x, lambda m: f"top-1 {digits.top1(m, x_test[half:], y_test[half:]):.2f}% "
+         f"(original {digits.top1(model, x_test[half:], y_test[half:]):.2f}) on {half + 1}"),
+        ("resnet50", resnet, "prune-channels(ratio=0.3)", None,
+         lambda m: "not checked (seeded weights)"),
+    ]  # fmt: skip
+    data = []
+    for label, original, spec, x_feed, metric in cases:
+        feeds = None
+        if x_feed is not None:
+            specs = model_inputs(original)
+            feeds = ListFeeds(
+                [{specs[0].name: x_feed[i : i + 1]} for i in range(len(x_feed))], specs
+            )
+        ctx = PassContext(feeds=feeds, threads=threads)
+        result = optimize(original, spec, ctx)
+        record, pruned = result.records[-1], result.model
+        stats = record.stats
+        one = next(iter(feeds)) if feeds is not None else None
+        timing = bench([original, pruned], labels=["original", "pruned"], feeds=[one] if one
+                       else None, threads=threads, runs=runs)  # fmt: skip
+        (_, _, _, _), (_, _, r25, r50) = _ratios(timing, ["original", "pruned"])
+        row = [
+            label, spec, round(100 * stats["channels_removed"] / stats["channels_prunable"], 1),
+            f"{stats.get('macs_before', inspect(original).macs) / 1e6:.3g} -> "
+            f"{stats.get('macs_after', inspect(pruned).macs) / 1e6:.3g}",
+            f"{stats['parameters_before'] / 1e3:.4g} -> {stats['parameters_after'] / 1e3:.4g}",
+            metric(pruned), f"{r25:.2f}x", f"{r50:.2f}x",
+        ]  # fmt: skip
+        table.rows.append(row)
+        data.append(dict(zip(table.columns, row, strict=True)))
+        print(render_markdown([table]), file=sys.stderr)
+    return table, data
+
+
+def agreement(a: onnx.ModelProto, b: onnx.ModelProto, x: np.ndarray) -> float:
+    from onnxopt.test_models import textlines
+
+    return float((textlines.predict(a, x) == textlines.predict(b, x)).mean())
+
+
+def recovery_finding() -> tuple[Table, list]:
+    """Why reconstruction made the text-direction classifier worse (issue 18).
+
+    64 rendered lines (seed 1), the last 16 held out by the pass; per ratio, the
+    held-out error without recovery, with reconstruction (before the pass's guard
+    drops it) and the median of each consumer's own held-out output error.
+    """
+    from onnxopt.test_models import textlines
+
+    model = optimize(onnx.load(fetch.fetch("ppocr_cls")), "simplify").model
+    x = textlines.labelled_feeds(64, 1)[0]
+    feeds = ListFeeds([{"x": x[i : i + 1]} for i in range(len(x))], model_inputs(model))
+    table = Table(
+        "Text-direction classifier, prune-channels(ratio=R,reconstruct=true), 48 lines "
+        "fitted, 16 held out: model output vs each layer's own output",
+        ["ratio", "cosine removed", "cosine reconstructed", "rel_error removed",
+         "rel_error reconstructed", "layer error removed (median)",
+         "layer error reconstructed (median)", "layers reconstructed", "returned"],
+    )  # fmt: skip
+    data = []
+    for ratio in (0.05, 0.1, 0.2, 0.3):
+        spec = f"prune-channels(ratio={ratio},reconstruct=true,latency_check=false)"
+        stats = optimize(model, spec, PassContext(feeds=feeds)).records[-1].stats
+        returned = "removed only" if stats.get("recovery_dropped") else "reconstructed"
+        row = [
+            ratio, stats["cosine_before_recovery"], stats["cosine_with_recovery"],
+            stats["rel_error_before_recovery"], stats["rel_error_with_recovery"],
+            stats["layer_error_removed_median"], stats["layer_error_reconstructed_median"],
+            stats.get("reconstructed", 0), returned,
+        ]  # fmt: skip
+        table.rows.append(row)
+        data.append(dict(zip(table.columns, row, strict=True)))
+    return table, data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model (default 30)")
     parser.add_argument("--skip-speed", action="store_true", help="coverage and accuracy only")
     parser.add_argument("--models", help="comma-separated labels to keep (default: all)")
+    parser.add_argument("--round-to", action="store_true", help="only the round_to speed table")
+    parser.add_argument("--threads", type=int, default=1, help="threads of --round-to (1)")
+    parser.add_argument("--recovery", action="store_true", help="only the recovery finding")
+    parser.add_argument("--targets", action="store_true", help="only the target table")
     args = parser.parse_args(argv)
+    if args.targets:
+        table, data = target_table(args.runs, args.threads)
+        markdown = render_markdown([table])
+        print(markdown)
+        RESULTS.mkdir(exist_ok=True)
+        write_text(RESULTS / "prune_targets.md", markdown)
+        write_json(RESULTS / "prune_targets.json", {"runs": args.runs, "rows": data})
+        return 0
+    if args.recovery:
+        table, data = recovery_finding()
+        print(render_markdown([table]))
+        return 0
+    if args.round_to:
+        table, data = round_to_speed(args.runs, args.threads)
+        markdown = render_markdown([table])
+        print(markdown)
+        RESULTS.mkdir(exist_ok=True)
+        write_text(RESULTS / "prune_round_to.md", markdown)
+        write_json(RESULTS / "prune_round_to.json", {"runs": args.runs, "rows": data})
+        return 0
     selected = models()
     if args.models:
         wanted = {m.strip() for m in args.models.split(",")}

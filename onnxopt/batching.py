@@ -75,7 +75,7 @@ def plan_batches(
     row_elements: dict[str, int] = {}
     for name, shape in (shapes if shapes is not None else inferred_shapes(model)).items():
         if shape and shape[0] == batch:
-            if not all(isinstance(d, int) for d in shape[1:]):
+            if not all(isinstance(d, int) and d > 0 for d in shape[1:]):
                 return BatchPlan()
             row_elements[name] = math.prod(shape[1:])
     if not names or any(name not in row_elements for name in names):

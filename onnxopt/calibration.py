@@ -38,6 +38,7 @@ import onnx
 
 from .batching import batches, plan_batches, run_threads, small_job
 from .errors import FeedError
+from .files import check_not_read
 from .histogram import DEFAULT_BINS, Histogram
 from .minmax import NO_SAMPLES, Progress, collect_ranges
 from .model import inferred_shapes
@@ -125,6 +126,7 @@ class Calibration:
         return compute_range(self.stats[name], method, **options)
 
     def save(self, path: str | os.PathLike) -> Path:
+        check_not_read(path, "calibration cache")
         data = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
@@ -267,6 +269,7 @@ def calibrate(
         settings["nonnegative"] = sorted(set(nonnegative) & set(wanted))
     key = cache_key(model, wanted, feeds, settings) if cache is not None else ""
     if cache is not None:
+        check_not_read(cache, "calibration cache")  # before any work, not after it
         stored = Calibration.load(cache, key)
         if stored is not None:
             return stored

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import api
+from . import api, args_checks
 from .data import Feed, FeedSource, parse_shapes
 from .errors import FeedError, OnnxoptError, VerificationFailed
+from .files import output_file, write_error
 from .report import (
     Table,
     bench_tables,
@@ -86,11 +88,13 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
         parser.add_argument("--data", help=".npz file, folder of .npz files, or image folder")
         parser.add_argument(
             "--image-mean",
+            type=args_checks.channels,
             default="0,0,0",
             help="image folders: per-channel mean after scaling (default 0,0,0)",
         )
         parser.add_argument(
             "--image-std",
+            type=args_checks.channels,
             default="1,1,1",
             help="image folders: per-channel std after scaling (default 1,1,1)",
         )
@@ -103,13 +107,14 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
         parser.add_argument("--image-layout", choices=["NCHW", "NHWC"], default="NCHW")
         parser.add_argument(
             "--samples",
-            type=int,
+            type=args_checks.count(1),
             default=8,
             help="random feeds to generate when --data is not given (default 8)",
         )
     parser.add_argument(
         "--shape",
         action="append",
+        type=args_checks.shape,
         metavar="NAME=DIMS",
         help="bind an input's dynamic dims, e.g. x=1x3x640x640 (repeatable)",
     )
@@ -118,7 +123,9 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
         default="cpu",
         help="execution providers in priority order: cpu,cuda,tensorrt,...",
     )
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: ORT's choice)")
+    parser.add_argument(
+        "--threads", type=args_checks.count(1), help="intra-op threads (default: ORT's choice)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -182,15 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency of models on execution providers, interleaved")
     p.add_argument("models", nargs="+")
-    p.add_argument("--runs", type=int, default=100)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--runs", type=args_checks.count(1), default=100)
+    p.add_argument("--warmup", type=args_checks.count(0), default=10)
     p.add_argument("--json", help="write the timings as JSON")
     p.add_argument("--markdown", help="write the table as Markdown")
     _common(p)
 
     p = sub.add_parser("inspect", help="ops, parameters, MACs, size, opset, inputs and outputs")
     p.add_argument("model")
-    p.add_argument("--shape", action="append", metavar="NAME=DIMS")
+    p.add_argument("--shape", action="append", type=args_checks.shape, metavar="NAME=DIMS")
     p.add_argument(
         "--prune-groups",
         action="store_true",
@@ -204,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="optimize, verify and bench an embedded model")
     p.add_argument("--out-dir", help="keep the demo models here (default: a temporary folder)")
-    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--runs", type=args_checks.count(1), default=50)
     return parser
 
 
@@ -230,6 +237,7 @@ def _show(tables: Sequence[Table], quiet: bool) -> None:
 
 def _optimize(args: argparse.Namespace) -> int:
     shapes = parse_shapes(args.shape)
+    output = output_file(args.output, default_name=Path(args.model).name)
     with _progress() as progress:
         tasks: dict[str, Any] = {}
 
@@ -250,9 +258,10 @@ def _optimize(args: argparse.Namespace) -> int:
             seed=args.seed,
             strict=args.strict,
             samples=args.samples,
+            reports={"--json": args.json},
         )
     tables = pipeline_tables(result)
-    before, after = api.inspect(args.model, shapes), api.inspect(args.output, shapes)
+    before, after = api.inspect(args.model, shapes), api.inspect(output, shapes)
     compare = Table("Model", ["", "before", "after"])
     compare.rows += [
         ["nodes", before.nodes, after.nodes],
@@ -260,7 +269,7 @@ def _optimize(args: argparse.Namespace) -> int:
         ["parameters", f"{before.parameters:,}", f"{after.parameters:,}"],
         ["MACs", before.macs_text, after.macs_text],
     ]
-    compare.notes.append(f"written to {args.output}")
+    compare.notes.append(f"written to {output}")
     _show([*tables, compare], args.quiet)
     if args.json:
         write_json(args.json, result.to_dict())
@@ -268,6 +277,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    args_checks.check_reports(args, [args.reference, args.candidate])
     shapes = parse_shapes(args.shape)
     reference = api.load_model(args.reference)
     api.load_model(args.candidate)
@@ -303,6 +313,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from .analyze import analyze
 
+    args_checks.check_reports(args, [args.reference, args.quantized])
     with _progress() as progress:
         progress.add_task("analyzing", total=None)
         result = analyze(
@@ -327,6 +338,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    args_checks.check_reports(args, args.models)
     shapes = parse_shapes(args.shape)
     providers = [p for p in args.providers.split(",") if p]
     with _progress() as progress:
@@ -352,6 +364,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    args_checks.check_reports(args, [args.model])
     shapes = parse_shapes(args.shape)
     model = api.load_model(args.model)
     summary = api.inspect(model, shapes)
@@ -379,6 +392,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _passes(args: argparse.Namespace) -> int:
+    args_checks.check_reports(args, [])
     listing = api.list_passes()
     if args.name:
         item = api.describe(args.name)
@@ -434,19 +448,40 @@ COMMANDS: dict[str, Any] = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` removes its temporary files."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    api.quiet_libraries()
-    if args.quiet:
-        logging.getLogger("onnxopt").setLevel(logging.ERROR)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (main() called from a worker): leave it be
+        previous = None
+    try:
+        args = build_parser().parse_args(argv)
+        api.quiet_libraries()
+        if args.quiet:
+            logging.getLogger("onnxopt").setLevel(logging.ERROR)
         return COMMANDS[args.command](args)
     except OnnxoptError as exc:
         print(f"onnxopt: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("onnxopt: terminated; no partial file was left", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("onnxopt: interrupted; nothing was written", file=sys.stderr)
+        print("onnxopt: interrupted; no partial file was left", file=sys.stderr)
         return 130
+    except OSError as exc:  # a report that could not be written after the checks passed
+        print(f"onnxopt: error: {write_error(Path(exc.filename or '?'), exc)}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

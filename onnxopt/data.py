@@ -11,8 +11,8 @@ feeds of the model's batch size (its static first dim, else `batch`).
 
 from __future__ import annotations
 
+import math
 import re
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from .errors import FeedError
+from .npz import Member, RowReader, read_members
 
 Dim = int | str | None
 Feed = dict[str, np.ndarray]
@@ -29,13 +30,21 @@ Feed = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input: name, numpy dtype and shape (ints, or names/None for dynamic dims)."""
+    """One model input: name, numpy dtype and shape (ints, or names/None for dynamic dims).
+
+    `unsupported` is set for an input no feed can be made for (a sequence, map or
+    optional, or an element type ONNX does not define): its ONNX type in words. Such
+    a model is still valid for simplify and inspect; feeds refuse it (`tensor_specs`).
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...]
+    unsupported: str = ""
 
     def describe(self) -> str:
+        if self.unsupported:
+            return f"{self.name}: {self.unsupported}"
         dims = "x".join(str(d) if isinstance(d, int) else (d or "?") for d in self.shape)
         return f"{self.name}: {self.dtype} [{dims}]"
 
@@ -49,12 +58,40 @@ class InputSpec:
         return f"{self.name}={'x'.join(dims)}"
 
 
+def type_text(tp: onnx.TypeProto) -> str:
+    """An ONNX type in the spec's words: tensor(float), seq(tensor(int64)), optional(...)."""
+    which = tp.WhichOneof("value")
+    if which in ("tensor_type", "sparse_tensor_type"):
+        elem = getattr(tp, which).elem_type
+        try:
+            elem_name = onnx.TensorProto.DataType.Name(elem).lower()
+        except ValueError:
+            elem_name = f"element type {elem}, which ONNX does not define"
+        return f"{'tensor' if which == 'tensor_type' else 'sparse_tensor'}({elem_name})"
+    if which == "sequence_type":
+        return f"seq({type_text(tp.sequence_type.elem_type)})"
+    if which == "optional_type":
+        return f"optional({type_text(tp.optional_type.elem_type)})"
+    if which == "map_type":
+        key = onnx.TensorProto.DataType.Name(tp.map_type.key_type).lower()
+        return f"map({key}, {type_text(tp.map_type.value_type)})"
+    return "no type"
+
+
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     """The inputs a caller must feed (initializers listed as inputs are left out)."""
     initializers = {t.name for t in model.graph.initializer}
     specs = []
     for vi in model.graph.input:
         if vi.name in initializers:
+            continue
+        if isinstance(vi.name, bytes):  # protobuf hands a name that is not UTF-8 as bytes
+            name = vi.name.decode("utf-8", "backslashreplace")
+            why = f"a tensor whose name is not valid UTF-8 ({vi.name!r})"
+            specs.append(InputSpec(name, np.dtype(object), (), why))
+            continue
+        if vi.type.WhichOneof("value") != "tensor_type":
+            specs.append(InputSpec(vi.name, np.dtype(object), (), type_text(vi.type)))
             continue
         tensor_type = vi.type.tensor_type
         dims: list[Dim] = []
@@ -63,9 +100,29 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
                 dims.append(d.dim_value)
             else:
                 dims.append(d.dim_param or None)
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except (KeyError, TypeError, ValueError):
+            specs.append(InputSpec(vi.name, np.dtype(object), tuple(dims), type_text(vi.type)))
+            continue
         specs.append(InputSpec(vi.name, dtype, tuple(dims)))
     return specs
+
+
+def tensor_specs(specs: Sequence[InputSpec]) -> list[InputSpec]:
+    """`specs`, refusing an input no feed can be made for (one line naming it)."""
+    for spec in specs:
+        if spec.unsupported:
+            raise FeedError(
+                f"input '{spec.name}' is {spec.unsupported}: commands that run the model on "
+                "data (verify, bench, analyze, calibration) take tensor inputs of a defined "
+                "element type only; simplify and inspect work on this model"
+            )
+    return list(specs)
+
+
+# A random feed (one sample of every input) may take at most this many bytes.
+MAX_RANDOM_FEED_BYTES = 2**31
 
 
 _SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*(\d+(?:\s*[x,]\s*\d+)*)\s*$")
@@ -148,6 +205,27 @@ def check_feed(feed: Feed, specs: Sequence[InputSpec], source: str = "feeds") ->
     return feed
 
 
+def check_finite(feed: Feed, source: str, first: int = 0, samples: int = 1) -> Feed:
+    """Refuse NaN or infinity in float inputs, naming the input, the sample (`first` is
+    the index of the feed's first sample, `samples` how many it holds) and the value."""
+    for name, value in feed.items():
+        if value.dtype.kind not in "fc" or value.size == 0:
+            continue
+        bad = np.flatnonzero(~np.isfinite(value))
+        if not len(bad):
+            continue
+        found = value.reshape(-1)[bad[0]]
+        what = "NaN" if np.isnan(found) else ("+inf" if found.real > 0 else "-inf")
+        per_sample = value.size // samples if value.ndim and samples > 1 else value.size
+        sample = first + int(bad[0]) // per_sample
+        raise FeedError(
+            f"{source}: input '{name}' sample {sample} holds {what} ({len(bad)} non-finite "
+            f"value(s) in samples {first}-{first + samples - 1}): data must be finite; fix or "
+            "drop that sample"
+        )
+    return feed
+
+
 class FeedSource:
     """A re-iterable, lazily loaded sequence of feeds."""
 
@@ -169,10 +247,14 @@ class FeedSource:
 
 
 class ListFeeds(FeedSource):
-    """Feeds already in memory (checked against the model once)."""
+    """Feeds already in memory (checked against the model once).
+
+    Unlike data read from files, arrays handed over in memory may hold NaN or infinity
+    (a caller testing how calibration sets such samples aside, for example): use
+    `check_finite` to refuse them."""
 
     def __init__(self, feeds: Sequence[Feed], specs: Sequence[InputSpec]):
-        self.specs = list(specs)
+        self.specs = tensor_specs(specs)
         self.feeds = [check_feed(f, self.specs) for f in feeds]
 
     def __iter__(self) -> Iterator[Feed]:
@@ -199,11 +281,20 @@ class RandomFeeds(FeedSource):
         batch: int = 1,
         int_high: int = 2,
     ):
-        self.specs = list(specs)
+        self.specs = tensor_specs(specs)
         self.count = count
         self.seed = seed
         self.int_high = int_high
         self.shapes = {s.name: bind_shape(s, shapes or {}, batch) for s in self.specs}
+        sizes = {s.name: math.prod(self.shapes[s.name]) * s.dtype.itemsize for s in self.specs}
+        if sum(sizes.values()) > MAX_RANDOM_FEED_BYTES:
+            name = max(sizes, key=lambda k: sizes[k])
+            dims = "x".join(map(str, self.shapes[name]))
+            raise FeedError(
+                f"random data for input '{name}' [{dims}] would take {sizes[name] / 2**30:.3g} "
+                f"GiB a sample, over the {MAX_RANDOM_FEED_BYTES // 2**30} GiB bound: pass "
+                "--shape with smaller dims, or --data"
+            )
 
     def __iter__(self) -> Iterator[Feed]:
         for i in range(self.count):
@@ -229,7 +320,14 @@ class RandomFeeds(FeedSource):
 
 
 class NpzFeeds(FeedSource):
-    """Feeds from one .npz file or a folder of them, split on the first axis."""
+    """Feeds from one .npz file or a folder of them, split on the first axis.
+
+    Each file's arrays are checked from their headers when the source is made (names,
+    sample counts, at least one sample), and read a slice at a time when iterated
+    (`onnxopt.npz`): memory holds one slice, whatever the number of samples. An input
+    the model takes as a scalar (rank 0) may be one 0-d array, used for every sample,
+    or one value a sample (shape [N]).
+    """
 
     def __init__(
         self,
@@ -240,7 +338,7 @@ class NpzFeeds(FeedSource):
         limit: int | None = None,
     ):
         self.path = Path(path)
-        self.specs = list(specs)
+        self.specs = tensor_specs(specs)
         self.batch = batch
         self.limit = limit
         if self.path.is_dir():
@@ -251,20 +349,49 @@ class NpzFeeds(FeedSource):
             self.files = [self.path]
         else:
             raise FeedError(f"data path {self.path} does not exist: check --data")
-        self._count: int | None = None
+        self._layout = {file: self._read_layout(file) for file in self.files}
+        total = sum(count for _, count in self._layout.values())
+        self._count = total if limit is None else min(total, limit)
 
     def _step(self, spec: InputSpec) -> int:
+        """Rows of the file's array that make one sample of `spec` (0: a shared 0-d array)."""
         first = spec.shape[0] if spec.shape else None
         return first if isinstance(first, int) else self.batch
 
-    def _load(self, file: Path) -> dict[str, np.ndarray]:
-        try:
-            with np.load(file, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except (OSError, ValueError) as exc:
+    def _read_layout(self, file: Path) -> tuple[dict[str, Member], int]:
+        members = read_members(file)
+        names = {s.name for s in self.specs}
+        if set(members) != names:
             raise FeedError(
-                f"{file} is not a readable .npz file ({exc}): re-save it with numpy.savez"
-            ) from None
+                f"{file} has arrays {sorted(members)} but the model takes {sorted(names)}: "
+                "key each array by the model's input name"
+            )
+        counts: dict[str, int] = {}
+        for spec in self.specs:
+            shape = members[spec.name].shape
+            if not spec.shape and len(shape) == 0:
+                continue  # one scalar for every sample
+            if not spec.shape:
+                if len(shape) != 1:
+                    raise FeedError(
+                        f"{file}: input '{spec.name}' is a scalar in the model but the array "
+                        f"has shape {list(shape)}: save one 0-d array, or one value a sample"
+                    )
+                counts[spec.name] = shape[0]
+            elif not shape:
+                raise FeedError(
+                    f"{file}: array '{spec.name}' is a scalar but the model expects "
+                    f"{spec.describe().split(': ', 1)[1]}: stack the samples on the first axis"
+                )
+            else:
+                counts[spec.name] = shape[0] // self._step(spec)
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
+            raise FeedError(f"{file}: inputs hold different numbers of samples ({listed})")
+        count = next(iter(counts.values())) if counts else 1
+        if count == 0:
+            raise FeedError(f"{file} holds no samples (zero rows): add samples or drop the file")
+        return members, count
 
     def __iter__(self) -> Iterator[Feed]:
         for feed, _ in self.row_slices(1):
@@ -272,64 +399,36 @@ class NpzFeeds(FeedSource):
 
     def row_slices(self, rows: int) -> Iterator[tuple[Feed, int]]:
         """Consecutive samples of one file as one feed of at most `rows` rows, each with
-        its number of samples: the data iterating gives, cut and checked once a slice
-        instead of once a sample (one sample a slice when an input's first dim is fixed)."""
+        its number of samples: the data iterating gives, read, cut and checked once a
+        slice instead of once a sample (one sample a slice when an input's first dim is
+        fixed or an input is a scalar)."""
         produced = 0
+        steps = {spec.name: self._step(spec) for spec in self.specs}
+        fixed = any(not spec.shape or isinstance(spec.shape[0], int) for spec in self.specs)
+        per = 1 if fixed else max(1, rows // max(steps.values(), default=1))
         for file in self.files:
-            arrays = self._load(file)
-            count = self._samples(file, {k: v.shape for k, v in arrays.items()})
+            members, count = self._layout[file]
             if self.limit is not None:
                 count = min(count, self.limit - produced)
-            steps = {spec.name: self._step(spec) for spec in self.specs}
-            fixed = any(spec.shape and isinstance(spec.shape[0], int) for spec in self.specs)
-            per = 1 if fixed else max(1, rows // max(steps.values(), default=1))
-            for start in range(0, count, per):
-                end = min(count, start + per)
-                feed = {
-                    name: np.ascontiguousarray(arrays[name][start * step : end * step])
-                    for name, step in steps.items()
-                }
-                yield check_feed(feed, self.specs, source=str(file)), end - start
+            with RowReader(file, members) as reader:
+                for start in range(0, count, per):
+                    end = min(count, start + per)
+                    feed = {}
+                    for spec in self.specs:
+                        if not spec.shape:
+                            value = reader.read(spec.name, 1)
+                            feed[spec.name] = value.reshape(()) if value.ndim else value
+                        else:
+                            feed[spec.name] = reader.read(
+                                spec.name, (end - start) * steps[spec.name]
+                            )
+                    check_feed(feed, self.specs, source=str(file))
+                    yield check_finite(feed, str(file), start, end - start), end - start
             produced += count
             if self.limit is not None and produced >= self.limit:
                 return
 
-    def _samples(self, file: Path, shapes: dict[str, tuple[int, ...]]) -> int:
-        names = {s.name for s in self.specs}
-        if set(shapes) != names:
-            raise FeedError(
-                f"{file} has arrays {sorted(shapes)} but the model takes {sorted(names)}: "
-                "key each array by the model's input name"
-            )
-        lengths = {shapes[s.name][0] // self._step(s) for s in self.specs if shapes[s.name]}
-        if len(lengths) != 1:
-            raise FeedError(f"{file}: inputs hold different numbers of samples")
-        return lengths.pop()
-
-    def _header_shapes(self, file: Path) -> dict[str, tuple[int, ...]]:
-        """Each array's shape from its .npy header, without reading the array."""
-        shapes = {}
-        try:
-            with zipfile.ZipFile(file) as archive:
-                for info in archive.infolist():
-                    with archive.open(info) as stream:
-                        version = np.lib.format.read_magic(stream)
-                        read = (
-                            np.lib.format.read_array_header_1_0
-                            if version == (1, 0)
-                            else np.lib.format.read_array_header_2_0
-                        )
-                        shapes[info.filename.removesuffix(".npy")] = read(stream)[0]
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise FeedError(
-                f"{file} is not a readable .npz file ({exc}): re-save it with numpy.savez"
-            ) from None
-        return shapes
-
     def __len__(self) -> int:
-        if self._count is None:
-            total = sum(self._samples(f, self._header_shapes(f)) for f in self.files)
-            self._count = total if self.limit is None else min(total, self.limit)
         return self._count
 
 

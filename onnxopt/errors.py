@@ -21,6 +21,13 @@ class ExternalDataError(ModelError):
     """External data is missing or points outside the model's folder."""
 
 
+class OutputError(ModelError):
+    """An output that cannot be written, or that would overwrite a file the run reads.
+
+    Never a pass's fault: the pipeline stops on it instead of rolling the pass back.
+    """
+
+
 class RuntimeLoadError(ModelError):
     """ONNX Runtime refuses to build a session for the model."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Feed, FeedSource, InputSpec, bind_shape, check_feed
+from .data import Feed, FeedSource, InputSpec, bind_shape, check_feed, tensor_specs
 from .errors import FeedError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -39,7 +39,7 @@ class ImageFeeds(FeedSource):
             raise FeedError("image folders feed models with exactly one input: use .npz files")
         if layout not in ("NCHW", "NHWC"):
             raise FeedError(f"layout must be NCHW or NHWC, not {layout}")
-        self.specs = list(specs)
+        self.specs = tensor_specs(specs)
         self.folder = Path(folder)
         self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
@@ -52,18 +52,31 @@ class ImageFeeds(FeedSource):
             _, self.channels, self.height, self.width = self.shape
         else:
             _, self.height, self.width, self.channels = self.shape
-        self.mean = np.asarray(mean, np.float32)[: self.channels]
-        self.std = np.asarray(std, np.float32)[: self.channels]
+        self.mean = _per_channel("--image-mean", mean, self.channels)
+        self.std = _per_channel("--image-std", std, self.channels)
+        if not (self.std != 0).all():
+            channel = int(np.flatnonzero(self.std == 0)[0])
+            raise FeedError(
+                f"--image-std is 0 for channel {channel}: pixels are divided by it; "
+                "give a non-zero std for every channel"
+            )
+        if not np.isfinite(scale) or scale == 0:
+            raise FeedError(f"image scale must be finite and non-zero, not {scale}")
         self.scale = scale
         self.layout = layout
 
     def load(self, path: Path) -> np.ndarray:
         from PIL import Image
 
-        with Image.open(path) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
-            img = img.resize((self.width, self.height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(img, dtype=np.float32).reshape(self.height, self.width, -1)
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.channels == 1 else "RGB")
+                img = img.resize((self.width, self.height), Image.Resampling.BILINEAR)
+                pixels = np.asarray(img, dtype=np.float32).reshape(self.height, self.width, -1)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise FeedError(
+                f"image {path} cannot be read ({exc}): replace or remove the file"
+            ) from None
         pixels = (pixels * self.scale - self.mean) / self.std
         if self.layout == "NCHW":
             pixels = pixels.transpose(2, 0, 1)
@@ -75,3 +88,18 @@ class ImageFeeds(FeedSource):
 
     def __len__(self) -> int:
         return len(self.files)
+
+
+def _per_channel(option: str, values: Sequence[float], channels: int) -> np.ndarray:
+    """One value for every channel, or one for each (a finite number each)."""
+    array = np.asarray(values, np.float64).reshape(-1)
+    if array.size == 1:
+        array = np.repeat(array, channels)
+    if array.size < channels:
+        raise FeedError(
+            f"{option} has {array.size} values but the model's images have {channels} "
+            "channels: give one value or one a channel"
+        )
+    if not np.isfinite(array).all():
+        raise FeedError(f"{option} must be finite numbers, not {values}")
+    return array[:channels].astype(np.float32)

@@ -115,7 +115,7 @@ def range_reads(
                 reduce(op, source, out, list(range(1, rank)) if per_row else None)
         if per_row:
             reads.sizes[name] = plan.row_elements[name]
-        elif shape is not None and all(isinstance(d, int) for d in shape):
+        elif shape is not None and all(isinstance(d, int) and d > 0 for d in shape):
             reads.sizes[name] = math.prod(shape)
         else:
             out = reads.sizes[name] = f"{name}/onnxopt_Size"

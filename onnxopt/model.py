@@ -1,26 +1,40 @@
 """Load and save ONNX models safely.
 
 - Loading accepts a path, serialized bytes or a ModelProto. External data is
-  resolved only inside the model's folder; anything else is refused.
-- Saving is atomic (temporary file in the target folder, then rename), never
-  overwrites the input model, and switches to external data when the model
-  would not fit in one protobuf (2 GB).
+  resolved only inside the model's folder (onnxopt.external); anything else is
+  refused. An input the full checker refuses is refused on load.
+- Saving is atomic, the model and its data file together (temporary folder in
+  the target folder, then renames; see save_model), never overwrites a file the
+  run reads (onnxopt.files), and switches to external data when the model would
+  not fit in one protobuf (2 GB).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
+import re
+import secrets
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import version_converter
+from onnx import numpy_helper, version_converter
 
-from .errors import ExternalDataError, ModelError
+from .errors import ExternalDataError, ModelError, OutputError
+from .external import (
+    check_external_data,
+    expected_bytes,
+    external_location,
+    externalized,
+    iter_tensors,
+    load_external_data,
+    model_tensors,
+)
+from .files import check_not_read, check_target, output_file, same_file, temp_folder, write_error
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 
@@ -29,68 +43,16 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 
 
-def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of a graph: initializers and tensor attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from iter_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from iter_tensors(sub)
-
-
-def _external_location(tensor: onnx.TensorProto) -> str | None:
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return None
-    for entry in tensor.external_data:
-        if entry.key == "location":
-            return entry.value
-    raise ExternalDataError(
-        f"tensor '{tensor.name}' is marked external but names no location: re-export the model"
-    )
-
-
-def check_external_data(model: onnx.ModelProto, base_dir: Path) -> list[Path]:
-    """Return the external files the model needs; refuse locations outside `base_dir`."""
-    base = base_dir.resolve()
-    files: list[Path] = []
-    for tensor in iter_tensors(model.graph):
-        location = _external_location(tensor)
-        if location is None:
-            continue
-        if os.path.isabs(location) or Path(location).is_absolute():
-            raise ExternalDataError(
-                f"tensor '{tensor.name}' uses an absolute external-data path '{location}': "
-                f"move the file into {base} and store a relative location"
-            )
-        target = (base / location).resolve()
-        if not target.is_relative_to(base):
-            raise ExternalDataError(
-                f"tensor '{tensor.name}' points to external data '{location}' outside the "
-                f"model's folder {base}: move the file next to the model"
-            )
-        if not target.is_file():
-            raise ExternalDataError(
-                f"external data file {target} for tensor '{tensor.name}' is missing: "
-                "copy it next to the model"
-            )
-        if target not in files:
-            files.append(target)
-    return files
-
-
 def load_model(
     source: ModelSource, *, base_dir: str | os.PathLike | None = None, check: bool = True
 ) -> onnx.ModelProto:
     """Load a model from a path, bytes or a ModelProto (which is copied, never modified).
 
-    External data is loaded from `base_dir` (default: the model file's folder) and
-    must stay inside it. With `check`, the light onnx checker runs so that a
-    truncated file is caught here rather than deep inside a pass.
+    External data (sparse tensors and function tensors included) is read from
+    `base_dir` (default: the model file's folder) and must stay inside it. With
+    `check`, the full onnx checker (strict shape inference), the opset range and
+    the size of every tensor's data are checked, so that an invalid input is
+    refused here in one line rather than written out as a model nothing can load.
     """
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -105,22 +67,110 @@ def load_model(
             raise ModelError(f"model file {path} does not exist: check the path")
         if not path.is_file():
             raise ModelError(f"{path} is not a file: give the path of an .onnx file")
-        model = _parse(path.read_bytes(), str(path))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelError(
+                f"cannot read {path} ({exc.strerror or exc}): check the path"
+            ) from None
+        model = _parse(data, str(path))
         base_dir = base_dir if base_dir is not None else path.parent
         label = str(path)
-    if any(_external_location(t) for t in iter_tensors(model.graph)):
+    if any(external_location(t) for t in model_tensors(model)):
         if base_dir is None:
             raise ExternalDataError(
                 f"{label} uses external data but no folder was given: pass base_dir"
             )
-        check_external_data(model, Path(base_dir))
-        onnx.load_external_data_for_model(model, str(base_dir))
+        load_external_data(model, base_dir)
     if check:
         try:
-            check_model(model, full=False)
+            check_opsets(model)
+            check_tensor_sizes(model)
+            check_model(model, full=True)
         except ModelError as exc:
             raise ModelError(f"{label} is not a valid ONNX model ({exc}): re-export it") from None
     return model
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The model file and the external-data files it names (the files a run reads from it)."""
+    source = Path(path)
+    model = _parse(source.read_bytes(), str(source))
+    return [source, *check_external_data(model, source.parent)]
+
+
+def check_opsets(model: onnx.ModelProto) -> None:
+    """The default domain's opset must be one this onnx knows (ORT knows no later one)."""
+    latest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and not 1 <= entry.version <= latest:
+            raise ModelError(
+                f"it imports opset {entry.version} of the default domain; onnx here knows "
+                f"1 to {latest}"
+            )
+
+
+def check_tensor_sizes(model: onnx.ModelProto) -> None:
+    """Every tensor holds exactly the data its dims and type need."""
+    for tensor in model_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        need = expected_bytes(tensor)
+        if tensor.HasField("raw_data"):
+            if need is not None and len(tensor.raw_data) != need:
+                raise ModelError(
+                    f"tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes but its dims "
+                    f"{list(tensor.dims)} need {need}"
+                )
+            continue
+        count = _typed_count(tensor)
+        if count is None:
+            continue
+        elements = 1
+        for dim in tensor.dims:
+            elements *= dim
+        if tensor.data_type in _COMPLEX:
+            elements *= 2
+        if count != elements:
+            raise ModelError(
+                f"tensor '{tensor.name}' holds {count} values but its dims "
+                f"{list(tensor.dims)} need {elements}"
+            )
+
+
+_COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+
+
+def _typed_count(tensor: onnx.TensorProto) -> int | None:
+    """Values stored in the tensor's typed field, or None when they are packed (4-bit)."""
+    if tensor.data_type not in _ONE_PER_VALUE | _COMPLEX | {onnx.TensorProto.STRING}:
+        return None
+    return len(getattr(tensor, onnx.helper.tensor_dtype_to_field(tensor.data_type)))
+
+
+_ONE_PER_VALUE = {
+    getattr(onnx.TensorProto, name)
+    for name in (
+        "FLOAT",
+        "DOUBLE",
+        "INT32",
+        "INT64",
+        "UINT64",
+        "UINT32",
+        "INT8",
+        "UINT8",
+        "INT16",
+        "UINT16",
+        "BOOL",
+        "FLOAT16",
+        "BFLOAT16",
+        "FLOAT8E4M3FN",
+        "FLOAT8E4M3FNUZ",
+        "FLOAT8E5M2",
+        "FLOAT8E5M2FNUZ",
+    )
+    if hasattr(onnx.TensorProto, name)
+}
 
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
@@ -198,14 +248,41 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
 
 
 def check_model(model: onnx.ModelProto, *, full: bool = True) -> None:
-    """onnx.checker (full: with strict shape inference); a model over 2 GB is checked from disk."""
+    """onnx.checker (full: with strict shape inference); a model over 2 GB is checked from disk.
+
+    The checker's shape inference cannot type a sparse initializer (ORT makes it
+    dense on load): the full check runs on a copy where such initializers are dense.
+    """
+    if full and model.graph.sparse_initializer:
+        model = _densified(model)
     if needs_external_data(model):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
-            _write(model, path, external=True)
+            _write(model, path, location="model.onnx.data")
             check_file(path, full=full)
         return
     _checked(lambda: onnx.checker.check_model(model, full_check=full))
+
+
+def _densified(model: onnx.ModelProto) -> onnx.ModelProto:
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    del dense.graph.sparse_initializer[:]
+    for sparse in model.graph.sparse_initializer:
+        try:
+            values = numpy_helper.to_array(sparse.values)
+            indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+            array = np.zeros(list(sparse.dims), dtype=values.dtype)
+            if indices.ndim == 2:  # one row of coordinates per value
+                array[tuple(indices.T)] = values
+            else:
+                array.reshape(-1)[indices] = values
+        except (ValueError, IndexError, TypeError) as exc:
+            raise ModelError(
+                f"sparse initializer '{sparse.values.name}' is inconsistent ({exc})"
+            ) from None
+        dense.graph.initializer.append(numpy_helper.from_array(array, sparse.values.name))
+    return dense
 
 
 def check_file(path: str | os.PathLike, *, full: bool = True) -> None:
@@ -228,50 +305,122 @@ def save_model(
     input_path: str | os.PathLike | None = None,
     external_data: bool | None = None,
 ) -> Path:
-    """Write `model` to `path` atomically.
+    """Write `model` to `path` atomically, and return where it went.
 
-    `input_path` is the file the model came from: writing over it is refused.
-    `external_data=None` stores tensors in `<name>.data` only when the model
-    would not fit in one protobuf.
+    `input_path` is the file the model came from: writing over it, or over one of
+    its external-data files, is refused; a folder `path` means `<path>/<its name>`.
+    `external_data=None` stores tensors in a data file only when the model would
+    not fit in one protobuf. The data file's name is unique per write
+    (`<name>.<8 hex>.data`) and the pair is switched in one step: both files are
+    written into a temporary folder, the data file is moved next to the target
+    under its fresh name (it replaces nothing), then the model is renamed over the
+    target; the data file the old target used, if it was one of ours, is removed
+    last. A failure or Ctrl-C at any point leaves the old model and its data as
+    they were, and no new file behind. Any OSError becomes one ModelError line.
     """
-    target = check_output_path(path, input_path)
+    target = check_output_path(path, input_path, probe=False)
     external = needs_external_data(model) if external_data is None else external_data
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=target.parent))
+    folder = target.parent
     try:
-        written = _write(model, tmp_dir / target.name, external=external)
-        # Data first, then the model that refers to it: a reader never sees a
-        # model whose data file is missing.
-        for name in sorted(written, key=lambda n: n == target.name):
-            os.replace(tmp_dir / name, target.parent / name)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        with temp_folder(folder) as tmp:
+            location = _fresh_data_name(folder, target.name) if external else None
+            written = _write(model, tmp / target.name, location=location)
+            superseded = _own_data_files(target)
+            placed: list[Path] = []
+            try:
+                for name in written:
+                    if name != target.name:
+                        os.replace(tmp / name, folder / name)
+                        placed.append(folder / name)
+                os.replace(tmp / target.name, target)
+            except BaseException:
+                for file in placed:
+                    file.unlink(missing_ok=True)
+                raise
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    for old in superseded:
+        if old.name not in written:
+            with contextlib.suppress(OSError):
+                check_not_read(old)
+                old.unlink()
     return target
 
 
-def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
-    """Refuse an output path that cannot be written or that names the input model."""
-    target = Path(path)
-    if target.is_dir():
-        raise ModelError(f"output {target} is a folder: give a file name such as model.opt.onnx")
-    if not target.parent.is_dir():
-        raise ModelError(
-            f"output folder {target.parent} does not exist: create it or choose another -o path"
-        )
-    if input_path is not None and _same_file(target, Path(input_path)):
-        raise ModelError(
-            f"output {target} is the input model: choose another -o path, the input is never "
-            "overwritten"
-        )
-    return target
+def _fresh_data_name(folder: Path, name: str) -> str:
+    while True:
+        location = f"{name}.{secrets.token_hex(4)}.data"
+        if not (folder / location).exists():
+            return location
 
 
-def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> list[str]:
-    if not external:
+def _own_data_files(target: Path) -> list[Path]:
+    """The data files of ours (`<name>.<8 hex>.data`) that the model now at `target` uses."""
+    try:
+        if not target.is_file():
+            return []
+        stored = _parse(target.read_bytes(), str(target))
+    except (OSError, ModelError):
+        return []
+    pattern = re.compile(re.escape(target.name) + r"\.[0-9a-f]{8}\.data")
+    own = {
+        location
+        for t in model_tensors(stored)
+        if (location := _location_or_none(t)) is not None and pattern.fullmatch(location)
+    }
+    return [target.parent / location for location in sorted(own)]
+
+
+def _location_or_none(tensor: onnx.TensorProto) -> str | None:
+    try:
+        return external_location(tensor)
+    except ExternalDataError:
+        return None
+
+
+def check_output_path(
+    path: str | os.PathLike,
+    input_path: str | os.PathLike | None = None,
+    *,
+    probe: bool = True,
+    reads: Sequence[Path] | None = None,
+) -> Path:
+    """Where the model goes; refuse a path that cannot be written or that names an input.
+
+    A folder (an existing one, or a path ending with a separator) means
+    `<folder>/<input file name>`. Refused: the input model or one of its
+    external-data files, any file the current run reads (`files.protected`), a
+    non-regular file (device, FIFO), a missing folder, a name too long, and (with
+    `probe`) a folder where no file can be created. `reads`: the input's files
+    when the caller already knows them (saves parsing the input once more).
+    """
+    default = Path(input_path).name if input_path is not None else None
+    target = output_file(path, default_name=default)
+    if reads is None:
+        reads = [Path(input_path)] if input_path is not None else []
+        if input_path is not None:
+            with contextlib.suppress(OSError, ModelError):
+                reads = model_files(input_path)
+    try:
+        check_not_read(target, "output", reads)
+    except ModelError:
+        if input_path is not None and same_file(target, input_path):
+            raise OutputError(
+                f"output {target} is the input model: choose another -o path, the input is "
+                "never overwritten"
+            ) from None
+        raise
+    return check_target(target, probe=probe)
+
+
+def _write(model: onnx.ModelProto, path: Path, *, location: str | None) -> list[str]:
+    """Write `model` to `path`, its large tensors to `location` beside it when given;
+    return the names written (the data file first)."""
+    if location is None:
         path.write_bytes(model.SerializeToString())
         return [path.name]
-    location = path.name + ".data"
     with open(path.with_name(location), "wb") as data:
-        skeleton, _ = _externalized(model, data, location)
+        skeleton, _ = externalized(model, data, location)
     if skeleton.ByteSize() > PROTOBUF_LIMIT:
         raise ModelError(
             "the model is over 2 GB even without its raw tensor data (tensors stored in "
@@ -279,93 +428,6 @@ def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> list[str]:
         )
     path.write_bytes(skeleton.SerializeToString())
     return [location, path.name]
-
-
-# Message types that can hold a TensorProto somewhere below them; everything else is
-# copied whole.
-_HOLDERS = {
-    "ModelProto",
-    "GraphProto",
-    "NodeProto",
-    "AttributeProto",
-    "FunctionProto",
-    "SparseTensorProto",
-    "TrainingInfoProto",
-}
-
-
-def _externalized(
-    model: onnx.ModelProto, data: BinaryIO, location: str
-) -> tuple[onnx.ModelProto, dict[int, onnx.TensorProto]]:
-    """A copy of `model` whose raw tensors of 1 KiB or more are written to `data` and
-    referenced as external data at `location`; also each offset's source tensor.
-
-    The caller's model is never modified: on a large model, clearing and setting
-    raw_data again would leave a second copy of every weight in its memory.
-    """
-    sources: dict[int, onnx.TensorProto] = {}
-
-    def tensor(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
-        if not src.HasField("raw_data") or data_bytes(src) < 1024:
-            dst.CopyFrom(src)
-            return
-        # Field by field: ListFields would hand back one more copy of the raw bytes.
-        for field in src.DESCRIPTOR.fields:
-            if field.name != "raw_data" and (_repeated(field) or src.HasField(field.name)):
-                _copy_field(dst, field, getattr(src, field.name))
-        raw = src.raw_data
-        offset = data.tell()
-        data.write(raw)
-        sources[offset] = src
-        dst.data_location = onnx.TensorProto.EXTERNAL
-        entries = (("location", location), ("offset", str(offset)), ("length", str(len(raw))))
-        for key, value in entries:
-            entry = dst.external_data.add()
-            entry.key, entry.value = key, value
-
-    def message(src, dst) -> None:  # noqa: ANN001 - any protobuf message
-        for field, value in src.ListFields():
-            kind = field.message_type.name if field.message_type is not None else None
-            if kind == "TensorProto":
-                items = value if _repeated(field) else [value]
-                target = getattr(dst, field.name)
-                for item in items:
-                    tensor(item, target.add() if _repeated(field) else target)
-            elif kind in _HOLDERS:
-                items = value if _repeated(field) else [value]
-                target = getattr(dst, field.name)
-                for item in items:
-                    sub = target.add() if _repeated(field) else target
-                    sub.SetInParent()
-                    message(item, sub)
-            else:
-                _copy_field(dst, field, value)
-
-    skeleton = onnx.ModelProto()
-    message(model, skeleton)
-    return skeleton, sources
-
-
-def _repeated(field) -> bool:  # noqa: ANN001 - a protobuf FieldDescriptor
-    # protobuf 7 dropped `label`; 4.x has only `label`.
-    if hasattr(field, "is_repeated"):
-        return field.is_repeated
-    return field.label == field.LABEL_REPEATED
-
-
-def _copy_field(dst, field, value) -> None:  # noqa: ANN001 - any protobuf message and field
-    if _repeated(field):
-        getattr(dst, field.name).extend(value)
-    elif field.message_type is not None:
-        getattr(dst, field.name).CopyFrom(value)
-    else:
-        setattr(dst, field.name, value)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -389,7 +451,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         return model
     with tempfile.TemporaryDirectory() as tmp:
         with open(Path(tmp) / "weights", "wb") as data:
-            skeleton, sources = _externalized(model, data, "weights")
+            skeleton, sources = externalized(model, data, "weights")
         try:
             converted = version_converter.convert_version(skeleton, target)
         except Exception as exc:  # the converter raises plain RuntimeErrors of many kinds
@@ -401,8 +463,8 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         del skeleton
         (Path(tmp) / "model.onnx").write_bytes(converted.SerializeToString())
         check_file(Path(tmp) / "model.onnx", full=False)
-    for tensor in iter_tensors(converted.graph):
-        if _external_location(tensor) != "weights":
+    for tensor in model_tensors(converted):
+        if external_location(tensor) != "weights":
             continue
         offset = int(next(e.value for e in tensor.external_data if e.key == "offset"))
         del tensor.external_data[:]

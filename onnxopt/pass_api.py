@@ -34,6 +34,8 @@ import onnx_graphsurgeon as gs
 from .errors import OnnxoptError, PassError
 
 ENTRY_POINT_GROUP = "onnxopt.passes"
+# How a pass that needs data says where it comes from, in the words of the CLI and the API.
+DATA_HINT = "pass --data (a .npz file, a folder of them, or a folder of images; data= in the API)"
 MAX_REPEAT = 10
 
 log = logging.getLogger("onnxopt")
@@ -487,6 +489,7 @@ def describe_pass(cls: type[Pass]) -> dict[str, Any]:
 
 
 __all__ = [
+    "DATA_HINT",
     "ENTRY_POINT_GROUP",
     "Group",
     "OnnxoptError",

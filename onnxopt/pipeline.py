@@ -9,6 +9,8 @@ the pipeline stops with a PassError instead.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -19,10 +21,11 @@ from typing import Any
 import onnx
 
 from . import graph as G
-from .errors import ModelError, OnnxoptError, PassError, RuntimeLoadError
-from .model import check_file, check_model, load_model, save_model, tensor_bytes
+from .errors import ModelError, OnnxoptError, OutputError, PassError, RuntimeLoadError
+from .files import protected, same_file
+from .model import check_file, check_model, load_model, model_files, save_model, tensor_bytes
 from .pass_api import Group, Pass, PassContext, Step, parse_spec
-from .runtime import DISK_SESSION_BYTES, create_session
+from .runtime import DISK_SESSION_BYTES, create_session, has_kernel
 
 DEFAULT_PIPELINE = "simplify"
 
@@ -82,6 +85,48 @@ def verify_loadable(model: onnx.ModelProto, *, ort: bool = True) -> None:
             create_session(path, providers=["cpu"], optimization="disable")
 
 
+# Domains whose ops ORT implements itself; an op of any other domain needs a library.
+ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+
+def _custom_domains(model: onnx.ModelProto) -> set[str]:
+    nodes = _all_nodes(model.graph) + [n for f in model.functions for n in f.node]
+    # A call of a model-local function is expanded by ORT: its domain needs no library.
+    return {n.domain for n in nodes} - ORT_DOMAINS - {f.domain for f in model.functions}
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                nodes += _all_nodes(sub)
+    return nodes
+
+
+def check_input_loads(model: onnx.ModelProto) -> None:
+    """Refuse an input ORT cannot load, unless an op of a custom domain explains it.
+
+    The onnx checker accepts some models no runtime runs (Relu of opset 1, whose
+    kernel ORT dropped): optimizing them would write a model nothing can load.
+    A custom-domain op (its library is not loaded here) is the user's business, and
+    so is an op ORT has, but not for these types on the CPU (a bfloat16 model).
+    """
+    refused = _ort_refuses(model)
+    if refused is None or _custom_domains(model):
+        return
+    missing = re.search(r"Could not find an implementation for (\w+)\((\d+)\)", refused)
+    if missing and (
+        not onnx.defs.has(missing[1]) or has_kernel(missing[1], int(missing[2])) is not False
+    ):
+        # ORT runs this op, only not for these element types on the CPU (bfloat16 for a
+        # GPU), or it is a contrib op of a provider this build lacks: the passes are
+        # checked with the onnx checker alone, as for a custom op.
+        return
+    raise ModelError(f"the input model does not load in ONNX Runtime ({refused}): re-export it")
+
+
 def _ort_refuses(model: onnx.ModelProto) -> str | None:
     """Why ORT cannot load `model` (its one-line error), or None when it can."""
     try:
@@ -103,12 +148,18 @@ class Pipeline:
     def run(self, model: Any, ctx: PassContext | None = None) -> PipelineResult:
         ctx = ctx or PassContext()
         current = load_model(model)
+        # A model given by path: no pass may write over it or its data (a cache option).
+        reads = model_files(model) if isinstance(model, str | os.PathLike) else []
+        check_pass_paths(self.steps, reads)
+        if self.check:
+            check_input_loads(current)
         # Cleared when ORT cannot load a pass's input: it cannot judge that pass's output.
         self._ort_checks = True
         start = time.perf_counter()
         before = G.node_count(current)
         records: list[PassRecord] = []
-        current = self._run_steps(self.steps, current, ctx, records, round_no=1)
+        with protected(reads):
+            current = self._run_steps(self.steps, current, ctx, records, round_no=1)
         return PipelineResult(
             model=current,
             records=records,
@@ -192,7 +243,7 @@ class Pipeline:
                     ctx.logger.warning("pass %s: %s", step.name, note)
                     result.notes.append(note)
         except OnnxoptError as exc:
-            if not isinstance(exc, ModelError):
+            if not isinstance(exc, ModelError) or isinstance(exc, OutputError):
                 raise
             error = str(exc)
         except Exception as exc:  # a pass bug must not cost the user their model
@@ -245,6 +296,29 @@ def _rollback_logger(logger: logging.Logger) -> logging.Logger:
     if child.level == logging.NOTSET:
         child.setLevel(logging.WARNING)
     return child
+
+
+def check_pass_paths(steps: Sequence[Step], reads: Sequence[Path]) -> None:
+    """Refuse a pass option that names a file the run reads (the model, its external data,
+    the feeds), before any pass runs.
+
+    A pass receives the model and the feeds through its graph and context, never
+    by path: an option naming one of those files is a mistake that would let the
+    pass overwrite it (quantize's `cache=model.onnx`).
+    """
+    for step in steps:
+        if isinstance(step, Group):
+            check_pass_paths(step.steps, reads)
+            continue
+        for option, value in step.option_values().items():
+            if not isinstance(value, str | os.PathLike) or not str(value):
+                continue
+            for source in reads:
+                if same_file(value, source):
+                    raise OutputError(
+                        f"pass '{step.name}' option {option}={value} names {source}, a file "
+                        "this run reads: choose another path, inputs are never overwritten"
+                    )
 
 
 def optimize(

@@ -88,6 +88,31 @@ def trim_memory() -> None:
         pass
 
 
+@cache
+def _kernel_versions() -> dict[str, list[tuple[int, int]]] | None:
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+        kernels = state.get_all_opkernel_def()
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    versions: dict[str, list[tuple[int, int]]] = {}
+    for kernel in kernels:
+        versions.setdefault(kernel.op_name, []).append(tuple(kernel.version_range))
+    return versions
+
+
+def has_kernel(op: str, version: int) -> bool | None:
+    """Whether this ORT build runs `op` of schema `version` on some provider for some
+    element type (None when ORT cannot say). False means no model with that op at that
+    version loads here, whatever its types: Relu of opset 1, whose kernels start at 6.
+    """
+    versions = _kernel_versions()
+    if versions is None:
+        return None
+    return any(low <= version <= high for low, high in versions.get(op, []))
+
+
 def available_providers() -> list[str]:
     """Short names of the providers this onnxruntime build offers."""
     by_long = {v: k for k, v in PROVIDERS.items()}

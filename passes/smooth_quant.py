@@ -20,7 +20,7 @@ from onnxopt.graph import (
     to_model,
     unique_name,
 )
-from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
+from onnxopt.pass_api import DATA_HINT, Pass, PassContext, PassResult, register_pass
 
 # Smoothing factors are kept in this band: beyond it a channel that is all but
 # silent (or a weight row of zeros) would get an absurd scale for no gain.
@@ -92,10 +92,7 @@ class SmoothQuant(Pass):
             notes.append("no MatMul or Gemm with a constant weight to smooth")
             return PassResult(False, dict(stats), notes)
         if ctx.feeds is None:
-            raise PassError(
-                "smooth-quant needs calibration data: pass --data PATH (a .npz file or "
-                "folder) or set ctx.feeds"
-            )
+            raise PassError(f"smooth-quant needs calibration data: {DATA_HINT}")
         names = [g.tensor.name for g in groups]
         channels = channel_stats(
             to_model(graph),

@@ -49,3 +49,40 @@ def test_progress_is_reported_each_round() -> None:
     seen: list[tuple[int, int]] = []
     bench([matmul_stack(1)], runs=4, warmup=0, progress=lambda d, t: seen.append((d, t)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_each_round_starts_one_model_later() -> None:
+    """Planted bug #23.8: bench's rounds rotate their start (round r begins with model
+    r mod n), so no model always runs right after another. The order is read from real
+    ORT sessions' `run` calls (each model has its own output name), not from a mock."""
+    import sys
+
+    from onnxopt.bench import bench
+
+    def relu(name: str) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["x"], [name])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4])],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    calls: list[str] = []
+
+    def profile(frame, event, arg) -> None:  # noqa: ANN001
+        if event == "call" and frame.f_code.co_name == "run":
+            session = frame.f_locals.get("self")
+            if type(session).__name__ == "InferenceSession":
+                calls.append(session.get_outputs()[0].name)
+
+    sys.setprofile(profile)
+    try:
+        result = bench([relu("y0"), relu("y1"), relu("y2")], runs=6, warmup=0)
+    finally:
+        sys.setprofile(None)
+    timed = calls[-18:]
+    rounds = [timed[i : i + 3] for i in range(0, 18, 3)]
+    assert [r[0] for r in rounds] == ["y0", "y1", "y2", "y0", "y1", "y2"]
+    assert all(sorted(r) == ["y0", "y1", "y2"] for r in rounds)
+    assert [len(t.latencies_ms) for t in result.timings] == [6, 6, 6]

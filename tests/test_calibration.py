@@ -298,3 +298,70 @@ def test_scalar_and_float64_tensors_go_into_the_histogram() -> None:
     # 2.0, the first limit, sits on an inner edge after doubling: one bin below numpy's.
     assert hist.counts[11] == 1  # 2.0 in [1.5, 2)
     assert hist.counts[10] == 1 and hist.counts[2] == 1  # 1.0 in [1, 1.5), -3.0 in [-3, -2.5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_asymmetric_ranges_keep_the_low_end_of_skewed_and_one_sided_data(side: str) -> None:
+    """Planted bug #23.7: taking low as -p(q) (or -T) instead of the low tail's own end
+    makes an all-negative tensor quantize to (0, 0); the low end is held to numpy's."""
+    rng = np.random.default_rng(7)
+    tail = (rng.exponential(1.0, 200_000) + 0.5).astype(np.float32)
+    data = -tail if side == "left" else tail  # left: all negative, long tail to -inf
+    stats = TensorStats("t", histogram=Histogram(2048))
+    stats.update(data)
+    width = stats.histogram.width
+    low, high = compute_range(stats, "percentile", percentile=99.9)
+    if side == "left":
+        assert high == 0.0
+        assert abs(low - np.percentile(data, 0.1, method="inverted_cdf")) <= width
+        assert stats.histogram.percentile_range(99.9, False)[1] == pytest.approx(
+            np.percentile(data, 99.9, method="inverted_cdf"), abs=width
+        )
+    else:
+        assert low == 0.0
+        assert abs(high - np.percentile(data, 99.9, method="inverted_cdf")) <= width
+    for method in ("entropy", "mse"):
+        low, high = compute_range(stats, method)
+        near, far = (high, low) if side == "left" else (low, high)
+        assert near == 0.0, method
+        # the clipped end lies inside the data and keeps at least its 99th percentile
+        p99 = float(np.percentile(np.abs(data), 99))
+        assert p99 <= abs(far) <= float(np.abs(data).max()) + width, (method, far)
+
+
+def test_a_range_with_a_negative_tail_and_positive_bulk_keeps_both_ends() -> None:
+    rng = np.random.default_rng(8)
+    data = np.concatenate([rng.uniform(-3.0, -1.0, 30_000), rng.uniform(0.5, 1.0, 70_000)]).astype(
+        np.float32
+    )
+    stats = TensorStats("t", histogram=Histogram(2048))
+    stats.update(data)
+    low, high = compute_range(stats, "percentile", percentile=99.0)
+    width = stats.histogram.width
+    assert abs(low - np.percentile(data, 1.0, method="inverted_cdf")) <= width
+    assert abs(high - np.percentile(data, 99.0, method="inverted_cdf")) <= width
+
+
+def test_a_batch_dim_declared_as_minus_one_still_counts_every_sample() -> None:
+    """Paddle exports declare the batch as dim_value -1; shape inference carries it, and a
+    tensor whose other dims are static ([-1, C, 1, 1] after GlobalAveragePool) once got a
+    negative size, so none of its samples counted and its scale fell back to 1.0 (the
+    text-direction classifier quantized to 53 % on 400 lines instead of 98 %)."""
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+            onnx.helper.make_node("Relu", ["pooled"], ["y"]),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 4, 3, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal((2, 4, 3, 3)).astype(np.float32) for _ in range(3)]
+    feeds = ListFeeds([{"x": a} for a in arrays], model_inputs(model))
+    stats = calibrate(model, feeds, ["pooled"], histograms=False).stats["pooled"]
+    pooled = [a.mean(axis=(2, 3)) for a in arrays]
+    assert stats.samples == 3
+    assert stats.max == pytest.approx(max(float(p.max()) for p in pooled), rel=1e-6)
+    assert stats.min == pytest.approx(min(float(p.min()) for p in pooled), rel=1e-6)

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -157,6 +162,110 @@ def _same_path(folder: Path) -> list[str]:
     return ["optimize", folder / "cnn.onnx", "-o", folder / "cnn.onnx"]
 
 
+def _optimize_json_over_input(folder: Path) -> list[str]:
+    return ["optimize", folder / "cnn.onnx", "-o", folder / "o.onnx", "--json", folder / "cnn.onnx"]
+
+
+def _verify_json_over_input(folder: Path) -> list[str]:
+    model = folder / "cnn.onnx"
+    return ["verify", model, model, "--json", model]
+
+
+def _bench_markdown_over_input(folder: Path) -> list[str]:
+    return ["bench", folder / "cnn.onnx", "--runs", "1", "--markdown", folder / "cnn.onnx"]
+
+
+def _inspect_json_over_input(folder: Path) -> list[str]:
+    return ["inspect", folder / "cnn.onnx", "--json", folder / "cnn.onnx"]
+
+
+def _analyze_html_over_data(folder: Path) -> list[str]:
+    np.savez(folder / "feeds.npz", image=np.zeros((2, 3, 16, 16), np.float32))
+    model, data = folder / "cnn.onnx", folder / "feeds.npz"
+    return ["analyze", model, model, "--data", data, "--html", data]
+
+
+def _cache_over_input(folder: Path) -> list[str]:
+    spec = f"quantize(cache={folder / 'cnn.onnx'})"
+    return ["optimize", folder / "cnn.onnx", "-o", folder / "o.onnx", "--passes", spec]
+
+
+def _output_over_external_data(folder: Path) -> list[str]:
+    return ["optimize", external_model(folder, "weights.bin"), "-o", folder / "weights.bin"]
+
+
+def _output_to_a_device(folder: Path) -> list[str]:
+    # A private node like /dev/null (never /dev/null itself: a regression run as root
+    # would replace the machine's).
+    device = folder.parent / "null"
+    try:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("creating a device node needs root")
+    return ["optimize", folder / "cnn.onnx", "-o", device]
+
+
+def _output_to_a_fifo(folder: Path) -> list[str]:
+    __import__("os").mkfifo(folder / "pipe")
+    return ["optimize", folder / "cnn.onnx", "-o", folder / "pipe"]
+
+
+def _output_in_proc(folder: Path) -> list[str]:
+    return ["optimize", folder / "cnn.onnx", "-o", "/proc/x"]
+
+
+def _name_too_long(folder: Path) -> list[str]:
+    return ["optimize", folder / "cnn.onnx", "-o", folder / ("x" * 250)]
+
+
+def _json_in_a_missing_folder(folder: Path) -> list[str]:
+    return ["optimize", folder / "cnn.onnx", "-o", folder / "o.onnx", "--json", "nodir/r.json"]
+
+
+def _json_is_a_folder(folder: Path) -> list[str]:
+    (folder / "reports").mkdir()
+    args = ["--json", folder / "reports"]
+    return ["optimize", folder / "cnn.onnx", "-o", folder / "o.onnx", *args]
+
+
+def _invalid_model(folder: Path) -> list[str]:
+    model = onnx.load(folder / "cnn.onnx")
+    node = onnx.helper.make_node("Transpose", [model.graph.input[0].name], ["t"], perm=[0, 9])
+    model.graph.node.append(node)
+    onnx.save(model, folder / "bad.onnx")
+    return ["optimize", folder / "bad.onnx", "-o", folder / "o.onnx"]
+
+
+def _opset_1(folder: Path) -> list[str]:
+    # Valid for the onnx checker; ORT has no kernel for Relu-1.
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        "old",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    opsets = [onnx.helper.make_opsetid("", 1)]
+    onnx.save(
+        onnx.helper.make_model(graph, opset_imports=opsets, ir_version=8), folder / "old.onnx"
+    )
+    return ["optimize", folder / "old.onnx", "-o", folder / "o.onnx"]
+
+
+def _offset_past_the_end(folder: Path) -> list[str]:
+    path = external_model(folder, "weights.bin")
+    stored = onnx.load(path, load_external_data=False)
+    for entry in stored.graph.initializer[0].external_data:
+        if entry.key == "offset":
+            entry.value = str(10**9)
+    onnx.save(stored, path)
+    return ["optimize", path, "-o", folder / "o.onnx"]
+
+
+def _option(command: str, *rest: str) -> Any:
+    models = 2 if command == "verify" else 1
+    return lambda folder: [command, *[folder / "cnn.onnx"] * models, *rest]
+
+
 BAD_INPUTS = {
     "truncated .onnx": (_truncated, r"truncated|not a valid ONNX"),
     "not ONNX": (_not_onnx, r"not an ONNX model"),
@@ -171,6 +280,32 @@ BAD_INPUTS = {
     "--shape that does not fit": (_misfit_shape, r"--shape image=1x4x16x16 does not fit"),
     "output in a missing folder": (_missing_folder, r"folder .*nowhere does not exist"),
     "output equal to input": (_same_path, r"is the input model"),
+    "optimize --json over the input": (_optimize_json_over_input, r"--json .* this run reads"),
+    "verify --json over the input": (_verify_json_over_input, r"--json .* this run reads"),
+    "bench --markdown over the input": (_bench_markdown_over_input, r"--markdown .*run reads"),
+    "inspect --json over the input": (_inspect_json_over_input, r"--json .* this run reads"),
+    "analyze --html over the data": (_analyze_html_over_data, r"--html .*feeds.npz, a file"),
+    "quantize cache over the input": (_cache_over_input, r"option cache=.*this run reads"),
+    "-o over the external data": (_output_over_external_data, r"weights.bin.*this run reads"),
+    "-o a device": (_output_to_a_device, r"null is not a regular file"),
+    "-o a FIFO": (_output_to_a_fifo, r"pipe is not a regular file"),
+    "-o /proc/x": (_output_in_proc, r"cannot write output into /proc"),
+    "-o a name too long": (_name_too_long, r"file name x+\.\.\. is too long"),
+    "--json in a missing folder": (_json_in_a_missing_folder, r"--json folder nodir does not"),
+    "--json a folder": (_json_is_a_folder, r"--json .*reports is a folder"),
+    "invalid model": (_invalid_model, r"not a valid ONNX model .*Invalid attribute perm"),
+    "opset 1 that ORT cannot load": (_opset_1, r"does not load in ONNX Runtime .*Relu\(1\)"),
+    "external offset past the end": (_offset_past_the_end, r"reads bytes 1000000000\.\."),
+    "--image-mean of 2 values": (
+        _option("verify", "--image-mean", "0.5,0.5"),
+        r"--image-mean: expected 3 numbers",
+    ),
+    "--samples -1": (_option("verify", "--samples", "-1"), r"--samples: must be at"),
+    "--runs 0": (_option("bench", "--runs", "0"), r"--runs: must be at least 1, got 0"),
+    "--shape beyond int64": (
+        _option("inspect", "--shape", "image=99999999999999999999x4"),
+        r"--shape: .*positive integer",
+    ),
 }
 
 
@@ -428,3 +563,34 @@ def test_ort_log_lines_stay_off_stderr(model_dir: Path) -> None:
     done = onnxopt("optimize", model_dir / "bad_gather.onnx", "-o", model_dir / "o.onnx")
     assert done.returncode == 0, done.stderr
     assert "onnxruntime" not in done.stderr and "\x1b[" not in done.stderr, done.stderr
+
+
+def test_ctrl_c_during_start_up_is_one_line(model_dir: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "onnxopt", "inspect", str(model_dir / "cnn.onnx")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 60
+    # numpy's shared objects are mapped: the heavy imports (numpy, onnx, ORT) are under way.
+    while "numpy" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["onnxopt: interrupted while starting; nothing was done"]
+    assert stdout == ""
+
+
+def test_import_is_light_and_keeps_the_function_names() -> None:
+    code = (
+        "import sys, onnxopt\n"
+        "assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules\n"
+        "import onnxopt.verify, onnxopt.bench\n"
+        "assert callable(onnxopt.verify) and callable(onnxopt.bench), 'functions, not modules'\n"
+        "from onnxopt import OutputError, optimize_file, verify\n"
+        "assert callable(verify)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

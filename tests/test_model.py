@@ -129,7 +129,8 @@ def test_save_refuses_the_input_path_and_missing_folders(tmp_path: Path) -> None
 def test_save_with_external_data_round_trips(tmp_path: Path) -> None:
     target = tmp_path / "big.onnx"
     save_model(small_model(), target, external_data=True)
-    assert (tmp_path / "big.onnx.data").is_file()
+    (data,) = tmp_path.glob("big.onnx.*.data")  # a fresh name per write: see save_model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", data.name]
     assert target.stat().st_size < 1000
     session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     x = np.ones((1, 64), np.float32)
@@ -144,17 +145,28 @@ def test_models_over_2gb_are_saved_with_external_data(tmp_path: Path) -> None:
         tensor = big.graph.initializer.add()
         tensor.name, tensor.data_type = f"blob{i}", TensorProto.FLOAT
         tensor.dims.append(chunk // 4)
-        tensor.raw_data = bytes(chunk)
+        # Distinct, non-zero blobs: a writer that swaps, repeats or zero-fills one is seen.
+        tensor.raw_data = (np.arange(chunk // 4, dtype=np.uint32) * (2 * i + 3) + i + 1).tobytes()
     assert tensor_bytes(big) > 2**31
     target = tmp_path / "huge.onnx"
     save_model(big, target)
-    assert (tmp_path / "huge.onnx.data").stat().st_size >= 3 * chunk
+    (data,) = tmp_path.glob("huge.onnx.*.data")
+    assert data.stat().st_size >= 3 * chunk
     assert target.stat().st_size < 10_000
     stored = onnx.load(target, load_external_data=False)
     assert [t.name for t in stored.graph.initializer] == ["w", "blob0", "blob1", "blob2"]
     info = {e.key: e.value for e in stored.graph.initializer[3].external_data}
-    assert info["location"] == "huge.onnx.data" and int(info["length"]) == chunk
+    assert info["location"] == data.name and int(info["length"]) == chunk
     assert len(big.graph.initializer[3].raw_data) == chunk, "the caller's model keeps its data"
+    with open(data, "rb") as stream:  # every blob back, byte for byte
+        for written, kept in zip(
+            stored.graph.initializer[1:], big.graph.initializer[1:], strict=True
+        ):
+            entry = {e.key: e.value for e in written.external_data}
+            stream.seek(int(entry.get("offset", 0)))
+            step = 64 * 2**20
+            for start in range(0, int(entry["length"]), step):
+                assert stream.read(min(step, chunk - start)) == kept.raw_data[start : start + step]
 
 
 def test_default_opset_and_upgrade() -> None:
@@ -252,3 +264,107 @@ def test_input_file_is_never_modified_by_a_failed_save(tmp_path: Path) -> None:
     with pytest.raises(ModelError):
         save_model(small_model(size=4), source, input_path=source)
     assert os.stat(source).st_mtime_ns == stamp
+
+
+def _folder(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_model_and_data_are_switched_in_one_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "m.onnx"
+    save_model(small_model(size=16), target, external_data=True)
+    before = _folder(tmp_path)
+    real_replace = os.replace
+
+    def fail_on_the_model(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+        if Path(dst) == target:  # the data file is in place, the model not yet
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_the_model)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(small_model(size=32), target, external_data=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert _folder(tmp_path) == before, "the old pair changed or a new file was left"
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 16]
+    # A write that completes replaces the pair and removes the data file it superseded.
+    save_model(small_model(size=32), target, external_data=True)
+    (old_data,) = set(before) - {"m.onnx"}
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and "m.onnx" in names and old_data not in names
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == [1, 32]
+
+
+def test_the_data_file_never_replaces_an_existing_file(tmp_path: Path) -> None:
+    # The input's own data file carries the name the >1.8 GB path used to write.
+    source = save_external(small_model(size=16), tmp_path, "m.onnx.data")
+    other = tmp_path / "m.onnx.data"
+    before = other.read_bytes()
+    target = tmp_path / "out.onnx"
+    (tmp_path / "out.onnx.data").write_bytes(b"someone else's file")
+    save_model(load_model(source), target, external_data=True)
+    assert other.read_bytes() == before
+    assert (tmp_path / "out.onnx.data").read_bytes() == b"someone else's file"
+    with pytest.raises(ModelError, match="this run reads|input model"):
+        save_model(load_model(source), other, input_path=source)  # -o <input's data file>
+    assert other.read_bytes() == before
+
+
+def invalid_inputs() -> dict[str, onnx.ModelProto]:
+    def model(node: onnx.NodeProto, opset: int = 17, inputs: bool = True) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])] if inputs else [],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+    bigger = model(helper.make_node("Add", ["x", "w"], ["y"]))
+    w = numpy_helper.from_array(np.ones(6, np.float32), "w")
+    w.dims[:] = [3]  # 24 bytes of data for 3 floats
+    bigger.graph.initializer.append(w)
+    typed = model(helper.make_node("Add", ["x", "w"], ["y"]))
+    typed.graph.initializer.append(helper.make_tensor("w", TensorProto.FLOAT, [3], [1.0] * 3))
+    typed.graph.initializer[0].float_data.extend([1.0] * 3)
+    return {
+        "perm out of range": model(helper.make_node("Transpose", ["x"], ["y"], perm=[0, 5])),
+        "Constant without a value": model(helper.make_node("Constant", [], ["y"]), inputs=False),
+        "raw initializer larger than its dims": bigger,
+        "typed initializer larger than its dims": typed,
+        "opset 99": model(helper.make_node("Relu", ["x"], ["y"]), opset=99),
+    }
+
+
+@pytest.mark.parametrize("case", list(invalid_inputs()))
+def test_invalid_inputs_are_refused_on_load_in_one_line(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "bad.onnx"
+    onnx.save(invalid_inputs()[case], path)
+    with pytest.raises(ModelError, match="is not a valid ONNX model .*re-export it") as caught:
+        load_model(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_sparse_initializers_pass_the_full_check() -> None:
+    values = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "w")
+    indices = numpy_helper.from_array(np.array([1, 3], np.int64), "w_idx")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx.shape_inference.InferenceError):  # onnx's checker alone cannot
+        onnx.checker.check_model(model, full_check=True)
+    check_model(model, full=True)
+    assert len(model.graph.sparse_initializer) == 1, "the caller's model keeps its form"
+    index = 7
+    model.graph.sparse_initializer[0].indices.raw_data = np.array([1, index], np.int64).tobytes()
+    with pytest.raises(ModelError, match="sparse initializer 'w' is inconsistent"):
+        check_model(model, full=True)

@@ -9,7 +9,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnxopt import PassContext, PassError, PassResult, Pipeline, optimize, register_pass
+from onnxopt import (
+    ModelError,
+    OutputError,
+    PassContext,
+    PassError,
+    PassResult,
+    Pipeline,
+    optimize,
+    register_pass,
+)
 from onnxopt.graph import bypass, tidy
 from onnxopt.pass_api import unregister_pass
 
@@ -173,3 +182,77 @@ def test_a_model_ort_cannot_load_is_checked_with_the_onnx_checker_only(test_pass
     assert "ghost" in (broken.error or "")  # the checker still refuses a broken graph
     assert result.nodes_after == 2
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_an_input_ort_refuses_without_a_custom_op_is_refused_before_any_pass() -> None:
+    # Relu of opset 1 passes the full onnx checker; ORT has no kernel for it, so
+    # "optimizing" it would write a model nothing can load.
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "old",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 1)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    ran: list[str] = []
+    with pytest.raises(ModelError, match=r"does not load in ONNX Runtime \(.*Relu\(1\)") as caught:
+        optimize(model, "simplify", PassContext(progress=lambda *a: ran.append(a[0])))
+    assert "\n" not in str(caught.value) and ran == []
+
+
+def test_a_pass_option_naming_the_model_given_by_path_is_refused(tmp_path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(identity_chain(2), path)
+    before = path.read_bytes()
+    with pytest.raises(OutputError, match=r"option cache=.*m.onnx, a file this run reads"):
+        optimize(str(path), f"quantize(cache={path})")
+    assert path.read_bytes() == before
+
+
+def test_an_op_ort_has_only_for_other_types_here_is_still_optimized() -> None:
+    # Exp in bfloat16: ORT's CPU provider has no such kernel (a GPU has), ORT has Exp(13).
+    graph = helper.make_graph(
+        [helper.make_node("Exp", ["x"], ["e"]), helper.make_node("Identity", ["e"], ["y"])],
+        "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(Exception, match=r"NOT_IMPLEMENTED.*Exp\(13\)"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    result = optimize(model, "simplify")
+    assert [n.op_type for n in result.model.graph.node] == ["Exp"]
+
+
+def test_a_rolled_back_pass_leaves_the_model_byte_for_byte(test_passes) -> None:
+    """Weak oracle #23.11: node counts are what a rollback sets; the bytes are the proof."""
+    model = identity_chain(2)
+    alone = optimize(model, "t-drop-one-identity").model.SerializeToString()
+    for spec in ("t-dangling-input", "t-custom-op", "t-raise"):
+        result = optimize(model, f"t-drop-one-identity,{spec}")
+        assert result.records[-1].status == "rolled back"
+        assert result.model.SerializeToString() == alone, spec
+
+
+def test_a_model_above_the_disk_check_size_is_checked_and_rolled_back(test_passes) -> None:
+    """#23.9: at DISK_SESSION_BYTES and above the checks run on a saved copy with external
+    data; a breaking pass on such a model must still be rolled back, the model unchanged."""
+    from onnx import numpy_helper
+
+    from onnxopt.runtime import DISK_SESSION_BYTES
+
+    model = identity_chain(2)
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal(DISK_SESSION_BYTES // 4 + 1024).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(big, "big"))
+    model.graph.node.insert(0, helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0))
+    model.graph.node[-1].CopyFrom(helper.make_node("Sub", ["t2", "total"], ["y"]))
+    onnx.checker.check_model(model, full_check=True)
+    before = model.SerializeToString()
+    for spec in ("t-dangling-input", "t-custom-op"):
+        result = optimize(model, spec)
+        assert result.records[-1].status == "rolled back", spec
+        assert result.model.SerializeToString() == before, spec
+    x = np.ones((2, 3), np.float32)
+    np.testing.assert_allclose(run_model(result.model, x), x - big.sum(), rtol=1e-4)

@@ -195,7 +195,7 @@ def test_pruned_model_equals_the_original_with_removed_channels_masked(name):
 
 def test_hand_model_rewrites_split_reshape_and_group_attributes():
     model = hand_model()
-    result = optimize(model, "prune-channels(ratio=0.5)", strict=True)
+    result = optimize(model, "prune-channels(round_to=1,ratio=0.5)", strict=True)
     assert result.records[-1].status == "changed"
     out = result.model
     nodes = {n.name: n for n in out.graph.node}
@@ -214,7 +214,7 @@ def test_hand_model_rewrites_split_reshape_and_group_attributes():
 
 def test_residual_add_keeps_the_same_channels_on_both_sides():
     model = folded(builders.cnn)
-    spec = "prune-channels(ratio=0.5,protect=block1.a.conv)"
+    spec = "prune-channels(round_to=1,ratio=0.5,protect=block1.a.conv)"
     out = optimize(model, spec, strict=True).model
     stem = kept_rows(weight_of(model, "stem.conv"), weight_of(out, "stem.conv"))
     block = kept_rows(weight_of(model, "block1.b.conv"), weight_of(out, "block1.b.conv"))
@@ -245,7 +245,7 @@ def test_concat_offsets_select_the_consumer_columns():
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    out = optimize(model, "prune-channels(ratio=0.25)", strict=True).model
+    out = optimize(model, "prune-channels(round_to=1,ratio=0.25)", strict=True).model
     kept_a = kept_rows(w_a, weight_of(out, "ca"))
     kept_b = kept_rows(w_b, weight_of(out, "cb"))
     assert len(kept_a) == len(kept_b) == 6
@@ -255,7 +255,7 @@ def test_concat_offsets_select_the_consumer_columns():
 
 def test_flatten_gemm_keeps_the_blocks_of_kept_channels():
     model = onnx.load(digits.DIGITS_CNN)
-    spec = "prune-channels(ratio=0.25,protect=/3/Conv|/12/Gemm)"
+    spec = "prune-channels(round_to=1,ratio=0.25,protect=/3/Conv|/12/Gemm)"
     out = optimize(model, spec, strict=True).model
     kept = kept_rows(weight_of(model, "/7/Conv"), weight_of(out, "/7/Conv"))
     assert len(kept) == 48
@@ -269,15 +269,16 @@ def test_uniform_ratio_round_to_and_min_channels():
         out = optimize(model, f"prune-channels({spec})", strict=True).model
         return [weight_of(out, f"fc{i}.matmul").shape[1] for i in range(2)]
 
-    assert hidden("ratio=0.25") == [96, 48]
-    assert hidden("ratio=0.3") == [90, 45]
+    assert hidden("ratio=0.25,round_to=1") == [96, 48]
+    assert hidden("ratio=0.3,round_to=1") == [90, 45]
+    assert hidden("ratio=0.3") == [88, 48]  # round_to=8 by default
     assert hidden("ratio=0.3,round_to=16") == [96, 48]
-    assert hidden("ratio=0.9,min_channels=40") == [40, 40]
+    assert hidden("ratio=0.9,min_channels=40,round_to=1") == [40, 40]
 
 
 def test_global_ratio_removes_that_share_of_all_prunable_channels():
     model = folded(builders.mlp)
-    result = optimize(model, "prune-channels(ratio=0.3,mode=global)", strict=True)
+    result = optimize(model, "prune-channels(round_to=1,ratio=0.3,mode=global)", strict=True)
     assert result.records[-1].stats["channels_removed"] == int(0.3 * 192)
 
 
@@ -288,7 +289,7 @@ def test_threshold_removes_channels_whose_filters_are_small():
             value = numpy_helper.to_array(init).copy()
             value[:, 10:20] *= 1e-4
             init.CopyFrom(numpy_helper.from_array(value, init.name))
-    spec = "prune-channels(mode=threshold,threshold=0.01,aggregate=none)"
+    spec = "prune-channels(round_to=1,mode=threshold,threshold=0.01,aggregate=none)"
     out = optimize(model, spec, strict=True).model
     assert weight_of(out, "fc0.matmul").shape[1] == 118
     original = weight_of(model, "fc0.matmul")
@@ -299,10 +300,10 @@ def test_threshold_removes_channels_whose_filters_are_small():
 def test_options_that_need_data_or_make_no_sense_are_refused():
     model = folded(builders.mlp)
     for spec, text in (
-        ("prune-channels(reconstruct=true)", "pass --data"),
-        ("prune-channels(greedy_metric=cosine:0.99)", "pass --data"),
-        ("prune-channels(ratio=1.5)", "ratio must be in [0, 1)"),
-        ("prune-channels(greedy_metric=speed:2)", "cosine:0.99 or rel_error:0.05"),
+        ("prune-channels(round_to=1,reconstruct=true)", "pass --data"),
+        ("prune-channels(round_to=1,greedy_metric=cosine:0.99)", "pass --data"),
+        ("prune-channels(round_to=1,ratio=1.5)", "ratio must be in [0, 1)"),
+        ("prune-channels(round_to=1,greedy_metric=speed:2)", "cosine:0.99 or rel_error:0.05"),
     ):
         with pytest.raises(PassError, match=text.replace("[", r"\[").replace(")", r"\)")):
             optimize(model, spec)
@@ -310,8 +311,8 @@ def test_options_that_need_data_or_make_no_sense_are_refused():
 
 def test_pruning_is_deterministic():
     model = folded(builders.cnn)
-    first = optimize(model, "prune-channels(ratio=0.4)").model
-    second = optimize(model, "prune-channels(ratio=0.4)").model
+    first = optimize(model, "prune-channels(round_to=1,ratio=0.4)").model
+    second = optimize(model, "prune-channels(round_to=1,ratio=0.4)").model
     assert first.SerializeToString(deterministic=True) == second.SerializeToString(
         deterministic=True
     )
@@ -322,7 +323,7 @@ def test_ppocr_classifier_prunes_and_keeps_its_output_shape(ppocr_cls: Path):
     shapes = {"x": (1, 3, 48, 192)}
     ctx = PassContext(shapes=shapes)
     base = optimize(model, "fold-constants", ctx).model
-    result = optimize(base, "prune-channels(ratio=0.3)", ctx, strict=True)
+    result = optimize(base, "prune-channels(round_to=1,ratio=0.3)", ctx, strict=True)
     stats = result.records[-1].stats
     assert stats["groups_prunable"] >= 20 and stats["channels_removed"] > 500
     before, after = inspect(base, shapes), inspect(result.model, shapes)

@@ -93,7 +93,7 @@ def test_recovery_reduces_the_error_on_held_out_feeds():
         ("bias", ",bias_compensation=true"),
         ("reconstruct", ",reconstruct=true"),
     ):
-        pruned = optimize(model, f"prune-channels(ratio=0.3{options})", ctx, strict=True)
+        pruned = optimize(model, f"prune-channels(round_to=1,ratio=0.3{options})", ctx, strict=True)
         out = verify(model, pruned.model, held_out).outputs[0]
         errors[label] = (np.sqrt(out.err_sq / out.ref_sq), out.cosine)
         stats = pruned.records[-1].stats
@@ -107,7 +107,7 @@ def test_data_aware_importance_removes_channels_that_never_fire():
     model = optimize(builders.mlp(), "fold-constants").model
     model = edited(model, {"fc0.bias": (0, list(range(20, 32)), -100.0)})
     feeds = RandomFeeds(model_inputs(model), 8, seed=0)
-    spec = "prune-channels(ratio=0.15,data_aware=true,protect=fc1.matmul)"
+    spec = "prune-channels(round_to=1,ratio=0.15,data_aware=true,protect=fc1.matmul)"
     out = optimize(model, spec, PassContext(feeds=feeds), strict=True).model
     before = numpy_helper.to_array(
         next(t for t in model.graph.initializer if t.name == "fc0.weight")
@@ -128,12 +128,12 @@ def test_greedy_stops_at_the_output_budget():
     def cosine(spec: str) -> float:
         return verify(model, optimize(model, spec, ctx).model, feeds).outputs[0].cosine
 
-    both = cosine("prune-channels(ratio=0.5)")
-    each = [cosine(f"prune-channels(ratio=0.5,protect=fc{i}.matmul)") for i in (1, 0)]
+    both = cosine("prune-channels(round_to=1,ratio=0.5)")
+    each = [cosine(f"prune-channels(round_to=1,ratio=0.5,protect=fc{i}.matmul)") for i in (1, 0)]
     assert max(each) > both
     # A budget that one group fits in and the two together break.
     budget = (max(each) + both) / 2
-    spec = f"prune-channels(ratio=0.5,greedy_metric=cosine:{budget})"
+    spec = f"prune-channels(round_to=1,ratio=0.5,greedy_metric=cosine:{budget})"
     result = optimize(model, spec, ctx)
     stats = result.records[-1].stats
     assert stats["greedy_groups_tried"] == 2 and stats["greedy_groups_accepted"] == 1
@@ -148,8 +148,8 @@ def test_digits_cnn_at_1_5x_fewer_macs_loses_at_most_one_point_with_reconstructi
     )
     ctx = PassContext(feeds=feeds)
     base = digits.top1(model, x_test, y_test)
-    plain = optimize(model, "prune-channels(ratio=0.19)").model
-    rebuilt = optimize(model, "prune-channels(ratio=0.19,reconstruct=true)", ctx).model
+    plain = optimize(model, "prune-channels(round_to=1,ratio=0.19)").model
+    rebuilt = optimize(model, "prune-channels(round_to=1,ratio=0.19,reconstruct=true)", ctx).model
     assert inspect(model).macs / inspect(rebuilt).macs >= 1.5
     assert base - digits.top1(rebuilt, x_test, y_test) <= 1.0
     assert base - digits.top1(plain, x_test, y_test) > 10.0

@@ -182,6 +182,8 @@ def test_cli_without_data_fails_in_one_line_and_writes_nothing(tmp_path: Path) -
     done = onnxopt("optimize", source, "-o", out, "--passes", "quantize")
     assert done.returncode != 0
     assert "quantize needs calibration data: pass --data" in done.stderr
+    # In the user's words: what --data takes, no API internals.
+    assert "a folder of images" in done.stderr and "ctx.feeds" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
 

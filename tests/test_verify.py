@@ -89,3 +89,19 @@ def test_per_layer_finds_where_the_difference_starts() -> None:
 def test_models_with_different_inputs_are_refused() -> None:
     with pytest.raises(FeedError, match="different inputs"):
         verify(builders.mlp(), builders.cnn(), samples=1)
+
+
+def test_min_cosine_passes_a_good_candidate_and_fails_a_broken_one() -> None:
+    """Weak oracle #23.11: min_cosine was tried only with an impossible threshold. Here
+    tolerances wide enough to pass both candidates leave the decision to min_cosine."""
+    model = builders.mlp(seed=1)
+    good = perturbed(model, "fc1.weight", 1e-3)
+    broken = perturbed(model, "fc1.weight", 0.3)
+    cosines = {}
+    for name, candidate in (("good", good), ("broken", broken)):
+        loose = verify(model, candidate, samples=8, rtol=1e3, atol=1e3)
+        assert loose.passed, name  # tolerances alone accept both
+        cosines[name] = loose.outputs[0].cosine
+        judged = verify(model, candidate, samples=8, rtol=1e3, atol=1e3, min_cosine=0.999)
+        assert judged.passed is (name == "good"), (name, cosines[name])
+    assert cosines["good"] > 0.999 > cosines["broken"]

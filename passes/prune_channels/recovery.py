@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 from onnxopt.graph import constant_value
 from onnxopt.runtime import create_session
 
-from .apply import Slicer
+from . import heldout
 from .dependency import Absorber, Analysis
 from .statistics import CalibrationStats, PatchSpec
 
@@ -48,6 +48,7 @@ class Recovery:
     offsets: list[Offset] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     notes: list[str] = field(default_factory=list)
+    checks: list[heldout.LayerCheck] = field(default_factory=list)
 
 
 def _padded(node: gs.Node) -> bool:
@@ -226,6 +227,32 @@ def _output_fit(
     return _from_matrix(node, absorber.op, matrix, weight), fitted[:, -1]
 
 
+def _output_errors(
+    an: Analysis,
+    absorber: Absorber,
+    held: np.ndarray,
+    taps: int,
+    kept: np.ndarray,
+    unknown: np.ndarray,
+    candidates: dict[str, tuple[np.ndarray | None, np.ndarray | None]],
+) -> dict[str, float]:
+    """Held-out relative output error of each candidate (new full weight or None, offset)."""
+    node = an.graph.nodes[absorber.node]
+    weight = _weight(an, absorber)
+    matrix = _as_matrix(node, absorber.op, weight)
+    moments = heldout.normalized(held)
+    f_kept, f_removed = _features(kept, taps), _features(unknown, taps)
+    scale = heldout.output_error(moments, heldout.output_delta(matrix, np.arange(matrix.shape[1])))
+    errors = {}
+    for label, (updated, offset) in candidates.items():
+        fitted = None
+        if updated is not None:
+            fitted = _as_matrix(node, absorber.op, updated)[:, f_kept]
+        delta = heldout.output_delta(matrix, f_removed, f_kept, fitted, offset)
+        errors[label] = heldout.output_error(moments, delta) / max(scale, 1e-30)
+    return errors
+
+
 def _regression_fold(
     an: Analysis,
     absorber: Absorber,
@@ -236,7 +263,8 @@ def _regression_fold(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel fit x_removed ~ A x_kept + b folded into the kept weights (W_kept += W_r A).
 
-    Used where the patch Gram would be too large; returns the new weight and b.
+    Used where the patch Gram would be too large; returns the new weight and the fit
+    [A, b] over [kept, 1].
     """
     cols = np.append(kept, gram.shape[0] - 1)
     coef = _solve(_ridge(gram, cols, ridge), gram[np.ix_(removed, cols)])
@@ -245,7 +273,30 @@ def _regression_fold(
     flat = moved.reshape(moved.shape[0], -1)
     flat[kept] += coef[:, :-1].T @ flat[removed]
     updated = np.moveaxis(flat.reshape(moved.shape), 0, absorber.weight_axis)
-    return updated.astype(weight.dtype), coef[:, -1]
+    return updated.astype(weight.dtype), coef
+
+
+def _residual_errors(
+    an: Analysis,
+    absorber: Absorber,
+    held: np.ndarray,
+    kept: np.ndarray,
+    unknown: np.ndarray,
+    candidates: dict[str, tuple[np.ndarray | None, np.ndarray | None]],
+) -> dict[str, float]:
+    """Held-out error of the removed channels' residual per candidate ((A, b) or Nones)."""
+    weight = np.moveaxis(_weight(an, absorber).astype(np.float64), absorber.weight_axis, 0)
+    moments = heldout.normalized(held)
+    channels = held.shape[0] - 1
+    everything = np.arange(channels)
+    scale = heldout.residual_error(
+        moments, weight, everything, heldout.residual_rows(channels, everything)
+    )
+    errors = {}
+    for label, (coef, intercept) in candidates.items():
+        rows = heldout.residual_rows(channels, unknown, kept, coef, intercept)
+        errors[label] = heldout.residual_error(moments, weight, unknown, rows) / max(scale, 1e-30)
+    return errors
 
 
 def _fits_output(an: Analysis, absorber: Absorber, patch: PatchSpec | None) -> bool:
@@ -270,8 +321,13 @@ def plan_recovery(
     bias_compensation: bool = False,
     reconstruct: bool = False,
     ridge: float = 1e-3,
+    held: CalibrationStats | None = None,
 ) -> Recovery:
-    """Weight updates and output offsets for every consumer that lost input channels."""
+    """Weight updates and output offsets for every consumer that lost input channels.
+
+    With `held` (statistics of held-out feeds), each consumer keeps whichever of plain
+    removal, bias compensation and reconstruction has the smallest held-out error.
+    """
     rec = Recovery()
     for absorber in an.absorbers:
         lay = an.layouts[absorber.tensor]
@@ -293,98 +349,95 @@ def plan_recovery(
                 rec.counts["exact_offsets"] += 1
         if unknown.size == 0 or stats is None:
             continue
-        entry = stats.gram.get(absorber.node)
-        if reconstruct and entry is not None and _reconstructable(an, absorber):
-            gram, patch = entry
-            taps = patch.taps if patch is not None else 1
-            if _fits_output(an, absorber, patch):
-                matched = np.union1d(kept, unknown)
-                updated, offset = _output_fit(an, absorber, gram, taps, kept, matched, ridge)
-                result = (offset, False)
-            else:
-                updated, intercept = _regression_fold(an, absorber, gram, kept, unknown, ridge)
-                result = contribution(an, absorber, unknown, intercept, approximate=True)
-            rec.weights[absorber.node] = (absorber.weight_slot, updated)
-            rec.counts["reconstructed"] += 1
-        elif (bias_compensation or reconstruct) and absorber.tensor in stats.mean:
-            means = stats.mean[absorber.tensor][unknown]
-            result = contribution(an, absorber, unknown, means, approximate=True)
-            rec.counts["bias_compensated"] += 1
-        else:
+        # A search builds many models in which most consumers lose the same channels.
+        key = (absorber.node, kept.tobytes(), bias_compensation, reconstruct, ridge, id(held))
+        if key not in stats.memo:
+            checks = Recovery()
+            args = (bias_compensation, reconstruct, ridge, checks)
+            stats.memo[key] = (
+                _recover_one(an, absorber, stats, held, kept, unknown, *args),
+                checks.checks,
+            )
+        choice, checks = stats.memo[key]
+        rec.checks.extend(checks)
+        if choice is None:
             continue
-        if result is not None:
-            rec.offsets.append(Offset(absorber.node, result[0], False))
+        label, updated, offset = choice
+        rec.counts[_COUNTS[label]] += 1
+        if updated is not None:
+            rec.weights[absorber.node] = (absorber.weight_slot, updated)
+        if offset is not None:
+            rec.offsets.append(Offset(absorber.node, offset, False))
     return rec
 
 
-def apply_weights(slicer: Slicer, rec: Recovery) -> None:
-    """Reconstructed full-size weights, set before the edits slice them."""
-    for index, (slot, weight) in sorted(rec.weights.items()):
-        slicer.set_input(slicer.nodes[index], slot, weight)
+_COUNTS = {
+    "reconstruct": "reconstructed",
+    "bias": "bias_compensated",
+    "plain": "recovery_rejected",
+}
 
 
-def apply_offsets(slicer: Slicer, rec: Recovery) -> None:
-    """Add every offset to its node's output, after the node's own channels were sliced."""
-    vectors: dict[int, np.ndarray] = {}
-    maps: dict[int, np.ndarray] = {}
-    for off in rec.offsets:
-        target = maps if off.is_map else vectors
-        target[off.node] = target[off.node] + off.value if off.node in target else off.value
-    for index in sorted(set(vectors) | set(maps)):
-        node = slicer.nodes[index]
-        out = node.outputs[0].name
-        kept = slicer.kept(out) if out in slicer.analysis.layouts else None
-        dtype = constant_value(node.inputs[1]).dtype
-        vec, amap = vectors.get(index), maps.get(index)
-        if kept is not None:
-            vec = None if vec is None else vec[kept]
-            amap = None if amap is None else np.take(amap, kept, axis=1)
-        if amap is not None:
-            if vec is not None:
-                amap = amap + vec.reshape(1, -1, *([1] * (amap.ndim - 2)))
-            _insert_add(slicer, node, amap.astype(dtype))
-        elif vec is not None:
-            _fold_vector(slicer, node, vec.astype(dtype))
-
-
-def _fold_vector(slicer: Slicer, node: gs.Node, vec: np.ndarray) -> None:
-    has_bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
-    if node.op in ("Conv", "ConvTranspose"):
-        if has_bias:
-            slicer.set_input(node, 2, constant_value(node.inputs[2]) + vec)
+def _recover_one(
+    an: Analysis,
+    absorber: Absorber,
+    stats: CalibrationStats,
+    held: CalibrationStats | None,
+    kept: np.ndarray,
+    unknown: np.ndarray,
+    bias_compensation: bool,
+    reconstruct: bool,
+    ridge: float,
+    rec: Recovery,
+) -> tuple[str, np.ndarray | None, np.ndarray | None] | None:
+    """(label, new full weight or None, output offset or None) chosen for one consumer."""
+    means = stats.mean.get(absorber.tensor)
+    bias = None
+    if (bias_compensation or reconstruct) and means is not None:
+        result = contribution(an, absorber, unknown, means[unknown], approximate=True)
+        bias = None if result is None else result[0]
+    entry = stats.gram.get(absorber.node)
+    held_gram = held.gram.get(absorber.node) if held is not None else None
+    name = an.graph.nodes[absorber.node].name
+    if reconstruct and entry is not None and _reconstructable(an, absorber):
+        gram, patch = entry
+        taps = patch.taps if patch is not None else 1
+        if _fits_output(an, absorber, patch):
+            matched = np.union1d(kept, unknown)
+            updated, offset = _output_fit(an, absorber, gram, taps, kept, matched, ridge)
+            if held_gram is None:
+                return "reconstruct", updated, offset
+            options = {"plain": (None, None), "reconstruct": (updated, offset)}
+            if bias is not None:
+                options["bias"] = (None, bias)
+            errors = _output_errors(an, absorber, held_gram[0], taps, kept, unknown, options)
         else:
-            node.inputs.append(slicer.constant(f"{node.name}.bias", vec))
-        return
-    if node.op == "Gemm":
-        beta = float(node.attrs.get("beta", 1.0))
-        if beta == 0.0:
-            _insert_add(slicer, node, vec)
-        elif has_bias:
-            slicer.set_input(
-                node, 2, (constant_value(node.inputs[2]) + vec / beta).astype(vec.dtype)
-            )
-        else:
-            node.inputs.append(slicer.constant(f"{node.name}.bias", vec / beta))
-        return
-    out = node.outputs[0]
-    readers = list(out.outputs)
-    is_output = any(o is out for o in slicer.graph.outputs)
-    if len(readers) == 1 and readers[0].op == "Add" and not is_output:
-        add = readers[0]
-        slot = 1 if add.inputs[0] is out else 0
-        bias = constant_value(add.inputs[slot])
-        if bias is not None and bias.ndim <= 2 and bias.shape[-1:] in ((vec.size,), (1,), ()):
-            if bias.ndim < 2 or bias.shape[0] == 1:
-                slicer.set_input(add, slot, (bias + vec).astype(vec.dtype))
-                return
-    _insert_add(slicer, node, vec)
-
-
-def _insert_add(slicer: Slicer, node: gs.Node, value: np.ndarray) -> None:
-    out = node.outputs[0]
-    raw = gs.Variable(slicer.unique_name(out.name), dtype=out.dtype, shape=out.shape)
-    node.outputs[0] = raw
-    const = slicer.constant(f"{out.name}.offset", value)
-    slicer.graph.nodes.append(
-        gs.Node("Add", name=f"{raw.name}.add", inputs=[raw, const], outputs=[out])
-    )
+            updated, coef = _regression_fold(an, absorber, gram, kept, unknown, ridge)
+            result = contribution(an, absorber, unknown, coef[:, -1], approximate=True)
+            offset = None if result is None else result[0]
+            if held_gram is None:
+                return "reconstruct", updated, offset
+            options = {"plain": (None, None), "reconstruct": (coef[:, :-1], coef[:, -1])}
+            if bias is not None:
+                options["bias"] = (None, means[unknown])
+            errors = _residual_errors(an, absorber, held_gram[0], kept, unknown, options)
+        label = min(errors, key=lambda k: (errors[k], k != "reconstruct"))
+        rec.checks.append(
+            heldout.LayerCheck(name, int(gram[-1, -1]), gram.shape[0] - 1, errors, label)
+        )
+        choices = {"plain": (None, None), "bias": (None, bias), "reconstruct": (updated, offset)}
+        return (label, *choices[label])
+    if bias is None:
+        return None
+    held_means = held.mean.get(absorber.tensor) if held is not None else None
+    if held_means is not None:
+        # E||d + c||^2 - E||d||^2 = 2 c.E[d] + ||c||^2 with d = -(removed contribution)
+        result = contribution(an, absorber, unknown, held_means[unknown], approximate=True)
+        if result is not None:
+            gain = 2.0 * float(bias @ result[0]) - float(bias @ bias)
+            scale = max(float(result[0] @ result[0]), 1e-30)
+            errors = {"plain": 1.0, "bias": 1.0 - gain / scale}
+            label = "bias" if gain > 0 else "plain"
+            rec.checks.append(heldout.LayerCheck(name, 0, unknown.size, errors, label))
+            return (label, None, bias if label == "bias" else None)
+    return "bias", None, bias

@@ -8,7 +8,8 @@
 Classes that can be removed exactly (dead or constant channels) always go first.
 Then `min_channels` (at least that many classes stay in every group and every
 producer), `round_to` (the kept count of a group is rounded to a multiple, never
-below one multiple) and the structural limits (every Split or Slice output keeps a
+below one multiple; a group that loses only exact classes is not rounded) and
+the structural limits (every Split or Slice output keeps a
 channel) are applied. Ties are broken by class order, so the result is deterministic.
 """
 
@@ -36,7 +37,7 @@ def _constraints(an: Analysis, min_channels: int) -> list[tuple[np.ndarray, int]
     return out
 
 
-def _rounded_target(n: int, target: int, round_to: int, min_keep: int) -> int:
+def rounded_target(n: int, target: int, round_to: int, min_keep: int) -> int:
     target = max(0, min(target, n - min_keep))
     if round_to > 1 and n >= round_to:
         keep = n - target
@@ -78,7 +79,10 @@ def group_targets(
     for g in groups:
         n_exact = int(np.count_nonzero(exact[g.classes]))
         min_keep = min(max(min_channels, 1), g.size)
-        targets[g.id] = _rounded_target(g.size, max(wanted[g.id], n_exact), round_to, min_keep)
+        if wanted[g.id] <= n_exact:  # only exact removals: rounding would change outputs
+            targets[g.id] = min(n_exact, g.size - min_keep)
+            continue
+        targets[g.id] = rounded_target(g.size, wanted[g.id], round_to, min_keep)
     return targets
 
 

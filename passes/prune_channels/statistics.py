@@ -21,6 +21,7 @@ import onnx
 from onnxopt.calibration import ChannelStats, collect
 
 MAX_GRAM_FEATURES = 4096
+FLUSH_ELEMENTS = 1 << 20
 
 
 def _rows(x: np.ndarray, axis: int) -> np.ndarray:
@@ -98,20 +99,41 @@ class PatchSpec:
 
 @dataclass
 class Gram:
-    """Running [f, 1]^T [f, 1] over the consumer's feature rows (channels or patches)."""
+    """Running [f, 1]^T [f, 1] over the consumer's feature rows (channels or patches).
+
+    Rows are buffered up to FLUSH_ELEMENTS values (8 MB) before each product: one
+    large matrix product costs far less than many thin ones (64 rows per digit image),
+    and the buffer of every consumer stays small.
+    """
 
     axis: int
     patch: PatchSpec | None = None
-    matrix: np.ndarray | None = None
+    total: np.ndarray | None = None
     count: int = 0
+    pending: list[np.ndarray] = field(default_factory=list)
+    pending_rows: int = 0
 
     def update(self, x: np.ndarray) -> None:
         rows = self.patch.rows(x) if self.patch is not None else _rows(x, self.axis)
-        ones = np.ones((rows.shape[0], 1))
-        augmented = np.hstack([rows, ones])
-        product = augmented.T @ augmented
-        self.matrix = product if self.matrix is None else self.matrix + product
+        self.pending.append(rows)
+        self.pending_rows += rows.shape[0]
         self.count += rows.shape[0]
+        if self.pending_rows * rows.shape[1] >= FLUSH_ELEMENTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        rows = np.concatenate(self.pending)
+        augmented = np.hstack([rows, np.ones((rows.shape[0], 1))])
+        product = augmented.T @ augmented
+        self.total = product if self.total is None else self.total + product
+        self.pending, self.pending_rows = [], 0
+
+    @property
+    def matrix(self) -> np.ndarray | None:
+        self._flush()
+        return self.total
 
 
 @dataclass
@@ -122,6 +144,7 @@ class CalibrationStats:
     mean: dict[str, np.ndarray] = field(default_factory=dict)
     gram: dict[int, tuple[np.ndarray, PatchSpec | None]] = field(default_factory=dict)
     samples: int = 0
+    memo: dict = field(default_factory=dict)  # recovery results, reused across a search
 
 
 def gather(

@@ -38,6 +38,7 @@ import onnx
 from onnxopt.bench import bench
 from onnxopt.data import FeedSource
 from onnxopt.errors import PassError
+from onnxopt.pass_api import DATA_HINT
 from onnxopt.runtime import create_session, run
 from onnxopt.verify import ErrorStats
 
@@ -151,10 +152,7 @@ class FeedSlice(FeedSource):
 def split_feeds(feeds: Any, holdout: float) -> tuple[FeedSlice, FeedSlice]:
     """(calibration, held-out): the last `holdout` share of the samples is held out."""
     if feeds is None:
-        raise PassError(
-            "quantize with a target needs data: pass --data PATH (a .npz file or folder) "
-            "or set ctx.feeds"
-        )
+        raise PassError(f"quantize with a target needs data: {DATA_HINT}")
     try:
         count = len(feeds)
     except TypeError:

@@ -21,7 +21,7 @@ from onnxopt.data import FeedSource
 from onnxopt.errors import ModelError, PassError
 from onnxopt.graph import name_matches, to_graph, to_model
 from onnxopt.model import upgrade_opset
-from onnxopt.pass_api import PassContext
+from onnxopt.pass_api import DATA_HINT, PassContext
 from onnxopt.runtime import trim_memory
 
 from . import prepare, rows
@@ -216,8 +216,8 @@ class StaticQuantizer:
                 return
         if feeds is None:
             raise PassError(
-                "quantize needs calibration data: pass --data PATH (a .npz file or folder) or "
-                "set ctx.feeds; use mode=dynamic or weights=int4 to quantize without data"
+                f"quantize needs calibration data: {DATA_HINT}; "
+                "or quantize(mode=dynamic) or quantize(weights=int4), which need none"
             )
         result = _calibrate(model or self.model, self.ctx, self.config, missing, feeds)
         if self.calibration is None:
