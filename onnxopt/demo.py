@@ -91,7 +91,7 @@ def run_demo(
             timing = bench(
                 list(paths.values()),
                 labels=list(paths),
-                feeds=ListFeeds([batch], model_inputs(load_model(source))),
+                data=ListFeeds([batch], model_inputs(load_model(source))),
                 threads=1,
                 runs=runs,
                 warmup=5,
