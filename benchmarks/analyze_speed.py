@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
-    from quantize import text_page
+    from onnxopt.test_models.textpages import text_page
 
     api.quiet_libraries()
     source = fetch.fetch("ppocr_det")

@@ -53,7 +53,7 @@ def halve_dequantize_scales(model: onnx.ModelProto) -> onnx.ModelProto:
 def data(name: str) -> tuple[Path, np.ndarray, np.ndarray]:
     """(float model, calibration images, held-out images)."""
     if name == "det":
-        from quantize import text_page
+        from onnxopt.test_models.textpages import text_page
 
         calib = np.concatenate([text_page(1000 + i) for i in range(8)])
         test = np.concatenate([text_page(5000 + i) for i in range(8)])
