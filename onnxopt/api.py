@@ -139,6 +139,7 @@ def verify(
     """Compare `candidate` with `reference` in ORT on `data` (random feeds from the
     reference's inputs without it); `options` are onnxopt.verify.verify's (rtol,
     atol, budget, samples, per_layer, providers, ...)."""
+    _refuse_core_names("verify", options)
     source = os.fspath(data) if isinstance(data, os.PathLike) else data
     return _verify(reference, candidate, source, shapes=_shapes(shape), **options)
 
@@ -155,8 +156,16 @@ def bench(
     `options` are onnxopt.bench.bench's (runs, warmup, threads, labels, ...)."""
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
+    _refuse_core_names("bench", options)
     source = os.fspath(data) if isinstance(data, os.PathLike) else data
     return _bench(models, providers, feeds=source, shapes=_shapes(shape), **options)
+
+
+def _refuse_core_names(function: str, options: Mapping[str, Any]) -> None:
+    """The API speaks the CLI's words: `feeds=` and `shapes=` are `data=` and `shape=`."""
+    for old, new in (("feeds", "data"), ("shapes", "shape")):
+        if old in options:
+            raise TypeError(f"onnxopt.{function}() takes {new}= (as --{new}), not {old}=")
 
 
 def _shapes(shape: Shape) -> dict[str, tuple[int, ...]]:

@@ -42,9 +42,11 @@ METRICS = ("cosine", "sqnr", "rel_rms", "top1", "top5", "map", "nn")
 TASK_METRICS = {"classes": ("top1", "top5"), "map": ("map",), "embedding": ("nn",)}
 # Measured in docs/accuracy.md ("Verify a lossy model"): good int8 models of PP-OCRv4 det,
 # the text-direction classifier and both digits models pass, every-scale-halved ones fail.
+# The task metric judges; cosine and SQNR are floors against gross breakage, set where
+# a good model is far above them on every input size tried (not only the one measured).
 DEFAULT_BUDGET: dict[str, float] = {
-    "cosine": 0.95,
-    "sqnr": 10.0,
+    "cosine": 0.9,
+    "sqnr": 6.0,
     "top1": 0.98,
     "top5": 0.99,
     "map": 0.85,

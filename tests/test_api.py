@@ -57,3 +57,10 @@ def test_errors_name_api_arguments_in_python_and_flags_on_the_command_line(any_s
     )
     assert done.returncode == 2
     assert "pass --shape image=1x3xNxN with N set" in done.stderr
+
+
+def test_the_core_names_are_refused_with_the_api_name(any_size) -> None:
+    with pytest.raises(TypeError, match=r"takes shape= \(as --shape\), not shapes="):
+        onnxopt.verify(any_size, any_size, shapes={"image": (1, 3, 16, 16)})
+    with pytest.raises(TypeError, match=r"takes data= \(as --data\), not feeds="):
+        onnxopt.bench([any_size], feeds="calib.npz")

@@ -57,7 +57,7 @@ def test_good_int8_passes_the_default_budget_with_top1_from_numpy(digits_int8) -
     assert task.values()["top5"] == pytest.approx(np.mean((top5 == ref.argmax(1)[:, None]).any(1)))
     assert task.values()["top1"] >= DEFAULT_BUDGET["top1"]
     assert result.passed, result.judge(out)
-    assert "budget cosine >= 0.95" in result.rule
+    assert "budget cosine >= 0.9," in result.rule
     # The element-wise rule, asked for, fails the same good model.
     assert not verify(model, quantized, test, lossy=False).passed
 

@@ -71,7 +71,7 @@ def test_partly_dynamic_shape_folds_only_known_dims() -> None:
     assert op_histogram(result.model)["Shape"] == 0
     dims = result.model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch"
-    report = verify(model, result.model, rtol=1e-6, atol=1e-7, shapes={"image": (3, 3, 32, 32)})
+    report = verify(model, result.model, rtol=1e-6, atol=1e-7, shape={"image": (3, 3, 32, 32)})
     assert report.passed
 
 

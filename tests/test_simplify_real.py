@@ -45,7 +45,7 @@ def _check(original: onnx.ModelProto, simplified: onnx.ModelProto, shapes, sampl
     report = verify(
         _with_probes(original, probes),
         _with_probes(simplified, probes),
-        shapes=shapes,
+        shape=shapes,
         samples=samples,
         rtol=RTOL,
         atol=ATOL,
