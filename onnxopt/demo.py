@@ -1,7 +1,7 @@
 """`onnxopt demo`: the main job end to end on the two embedded digits models.
 
 For the trained digits CNN and digits transformer (`test_models/`), on the held-out
-split of scikit-learn's digits (`test_models/digits.py`):
+split of the digits set shipped beside them (`test_models/digits.py`):
 - `simplify`;
 - `simplify,quantize`, calibrated on 256 training images;
 - `simplify,prune-channels(ratio=0.3,data_aware=true,reconstruct=true)`, its recovery fitted
@@ -23,7 +23,6 @@ import numpy as np
 
 from .api import bench, inspect, optimize_file, verify
 from .data import ListFeeds, model_inputs
-from .errors import FeedError
 from .model import load_model
 from .report import Table, write_text
 
@@ -37,14 +36,9 @@ BATCH = 64
 
 
 def _data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    try:
-        from .test_models.digits import load_digits_split
+    from .test_models.digits import load_digits_split
 
-        return load_digits_split()
-    except ImportError:
-        raise FeedError(
-            "onnxopt demo reads scikit-learn's digits: pip install scikit-learn"
-        ) from None
+    return load_digits_split()
 
 
 def _feeds(model: Any, x: np.ndarray, batch: int) -> ListFeeds:

@@ -29,10 +29,15 @@ class Table:
 
 
 def fmt(value: Any) -> str:
+    """A cell for people: counts and large values with thousands separators (12,345),
+    4 significant digits in between, scientific notation only for tiny values (an
+    error of 1.2e-07 is a real figure)."""
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
     if isinstance(value, float):
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
@@ -40,10 +45,23 @@ def fmt(value: Any) -> str:
             return "nan"
         if value == 0:
             return "0"
-        if abs(value) >= 1e4 or abs(value) < 1e-3:
+        if abs(value) >= 1e4:
+            return f"{value:,.0f}"
+        if abs(value) < 1e-3:
             return f"{value:.3e}"
         return f"{value:.4g}"
     return str(value)
+
+
+def fmt_duration(seconds: float) -> str:
+    """A time in one unit a person reads at a glance: 0.62 ms, 45.1 ms, 1.23 s, 95 s."""
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds:.3g} s" if seconds < 100 else f"{seconds:,.0f} s"
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def render_terminal(tables: Sequence[Table], console: Console | None = None) -> None:
@@ -51,8 +69,10 @@ def render_terminal(tables: Sequence[Table], console: Console | None = None) -> 
     for table in tables:
         # Text, not markup: a cell such as "x: float32 [Nx3x640x640]" is shown as written.
         rich_table = RichTable(title=Text(table.title), title_justify="left")
-        for column in table.columns:
-            rich_table.add_column(Text(column), overflow="fold")
+        for i, column in enumerate(table.columns):
+            # Text folds to fit the terminal; numbers never break across lines.
+            numbers = bool(table.rows) and all(_numeric(row[i]) for row in table.rows)
+            rich_table.add_column(Text(column), overflow="fold", no_wrap=numbers)
         for row in table.rows:
             rich_table.add_row(*(Text(fmt(v)) for v in row))
         console.print(rich_table)
@@ -128,18 +148,23 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
 
 def pipeline_tables(result: Any) -> list[Table]:
     table = Table(
-        f"Passes ({result.nodes_before} -> {result.nodes_after} nodes, {result.seconds:.2f} s)",
-        ["pass", "round", "status", "nodes", "time s", "stats"],
+        f"Passes ({result.nodes_before:,} -> {result.nodes_after:,} nodes, "
+        f"{fmt_duration(result.seconds)})",
+        ["pass", "round", "status", "nodes", "time", "stats"],
     )
     for r in result.records:
-        stats = ", ".join(f"{k}={fmt(v)}" for k, v in r.stats.items() if v)
+        stats = ", ".join(
+            f"{k}={fmt_duration(v) if k.endswith('seconds') else fmt(v)}"
+            for k, v in r.stats.items()
+            if v
+        )
         table.rows.append(
             [
                 r.spec,
                 r.round,
                 r.status,
-                f"{r.nodes_before}->{r.nodes_after}",
-                r.seconds,
+                f"{r.nodes_before:,}->{r.nodes_after:,}",
+                fmt_duration(r.seconds),
                 stats or "-",
             ]
         )

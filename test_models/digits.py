@@ -1,9 +1,12 @@
 """The 8x8 handwritten digits set and a small CNN trained on it, to measure accuracy.
 
 Quantization and pruning are judged by what they cost in top-1 accuracy, so they need a
-trained model and held-out data. scikit-learn ships the digits set (1797 images), so
-nothing is downloaded. The split is made here with a seeded numpy permutation rather than
-scikit-learn's splitter, so that it stays the same across scikit-learn releases.
+trained model and held-out data. The digits set (1797 images from UCI's Optical
+Recognition of Handwritten Digits, as scikit-learn ships it) is stored beside this file
+(`digits.npz`, 45 kB, pixel values 0-16), so that `onnxopt demo` needs no test extra and
+nothing is downloaded; a test checks it against scikit-learn's copy. The split is made
+here with a seeded numpy permutation rather than scikit-learn's splitter, so that it
+stays the same across scikit-learn releases.
 
 `DIGITS_CNN` is trained by `dev/train_digits_cnn.py`; `digits_cnn.json` beside it records
 its ONNX Runtime top-1 on the test split, measured with `top1`.
@@ -22,6 +25,7 @@ import onnxruntime as ort
 
 DIGITS_CNN = Path(__file__).with_name("digits_cnn.onnx")
 DIGITS_CNN_META = Path(__file__).with_name("digits_cnn.json")
+DIGITS_DATA = Path(__file__).with_name("digits.npz")
 TEST_PERCENT = 30
 SPLIT_SEED = 0
 
@@ -35,11 +39,9 @@ def split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_test, y_test): images float32 [N, 1, 8, 8] in [0, 1], labels int64."""
-    from sklearn.datasets import load_digits  # a test extra, not a dependency of onnxopt
-
-    digits = load_digits()
-    x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
-    y = digits.target.astype(np.int64)
+    with np.load(DIGITS_DATA) as digits:
+        x = (digits["images"].astype(np.float32) / 16.0)[:, None, :, :]
+        y = digits["target"].astype(np.int64)
     train, test = split_indices(len(y))
     return x[train], y[train], x[test], y[test]
 

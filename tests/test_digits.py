@@ -90,3 +90,12 @@ def test_top1_counts_correctly_for_protos_batches_and_fixed_batch_models(split) 
     fixed = onnx.load(str(DIGITS_CNN))
     fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32
     assert top1(fixed, x_test, labels) == pytest.approx(expected, abs=1e-12)  # last batch padded
+
+
+def test_the_shipped_digits_are_scikit_learns() -> None:
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    with np.load(digits.DIGITS_DATA) as shipped:
+        np.testing.assert_array_equal(shipped["images"], reference.images)
+        np.testing.assert_array_equal(shipped["target"], reference.target)
