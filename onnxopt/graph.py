@@ -172,6 +172,21 @@ def _hoist_shared_initializers(graph: onnx.GraphProto) -> None:
             g.initializer.extend(keep)
 
 
+# Ops only a quantized model has: their presence marks a candidate as lossy.
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "MatMulNBits",
+    }
+)
+
+
 def is_default(node: gs.Node) -> bool:
     """Whether the node belongs to the standard ONNX domain (GraphSurgeon may leave it None)."""
     return (node.domain or "") in DEFAULT_DOMAINS

@@ -24,6 +24,7 @@ import onnx
 from .bench import bench
 from .data import FeedSource
 from .errors import OnnxoptError
+from .graph import QUANTIZED_OPS
 from .html import Section, bar_chart, render_page
 from .model import load_model
 from .opprofile import op_latency
@@ -31,7 +32,7 @@ from .pass_api import parse_spec
 from .pipeline import META_PASSES
 from .report import Table, bench_tables, pipeline_tables, verify_tables
 from .summary import summarize
-from .verify import QUANTIZED_OPS, verify
+from .verify import verify
 
 SECTIONS = ("pipeline", "model-diff", "verify", "per-layer", "op-latency", "latency")
 

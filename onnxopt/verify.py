@@ -29,23 +29,10 @@ import onnx
 from .budget import MAP_THRESHOLD, TaskStats, describe_budget, judge, parse_budget
 from .data import FeedSource, load_feeds, model_inputs
 from .errors import FeedError
+from .graph import QUANTIZED_OPS
 from .model import load_model
 from .pipeline import META_LOSSY
 from .runtime import create_session, float_tensor_names, iter_tensors, run
-
-# Ops only a quantized model has: their presence marks a candidate as lossy.
-QUANTIZED_OPS = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "QLinearConv",
-        "QLinearMatMul",
-        "MatMulInteger",
-        "ConvInteger",
-        "MatMulNBits",
-    }
-)
 
 
 @dataclass

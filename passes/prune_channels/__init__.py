@@ -23,6 +23,7 @@ from onnxopt.bench import bench
 from onnxopt.errors import PassError
 from onnxopt.graph import tidy, to_model
 from onnxopt.pass_api import Pass, PassContext, PassResult, register_pass
+from onnxopt.passes.quantize.mixed import holdout_split
 
 from .analysis import analyze, analyze_graph, group_table
 from .apply import Slicer, apply_edits
@@ -41,7 +42,7 @@ from .search import (
 )
 from .selection import choose, group_targets
 from .statistics import MAX_GRAM_FEATURES, CalibrationStats, PatchSpec, gather
-from .target import HeldOut, macs_of, split, target_of
+from .target import HeldOut, macs_of, target_of
 
 __all__ = ["ChannelGroup", "PruneChannels", "analyze", "build_pruned", "group_table"]
 
@@ -196,7 +197,7 @@ class PruneChannels(Pass):
         held: HeldOut | None = None
         calib = held_stats = None
         if ctx.feeds is not None and (wanted or target is not None):
-            calib_feeds, held_feeds, separate = split(ctx.feeds, self.holdout)
+            calib_feeds, held_feeds, separate = holdout_split(ctx.feeds, self.holdout)
             held = HeldOut(an.model, held_feeds, target, ctx.providers, ctx.threads)
             stats["holdout_samples"] = len(held)
             if not separate:

@@ -19,13 +19,13 @@ import onnx
 
 from onnxopt.errors import PassError
 from onnxopt.model import inferred_shapes
-from onnxopt.passes.quantize.mixed import FeedSlice, Target, outputs_of, parse_target
+from onnxopt.passes.quantize.mixed import Target, outputs_of, parse_target
 from onnxopt.summary import macs_per_sample
 from onnxopt.verify import ErrorStats
 
 from .search import Measure
 
-__all__ = ["HeldOut", "Target", "macs_of", "split", "target_of"]
+__all__ = ["HeldOut", "Target", "macs_of", "target_of"]
 
 BATCH = 64  # held-out samples per ORT run, where the batch dim allows it
 
@@ -37,22 +37,6 @@ def target_of(value: Any) -> Target | None:
         return parse_target(value)
     except PassError as error:
         raise PassError(str(error).replace("quantize:", "prune-channels:", 1)) from None
-
-
-def split(feeds: Any, holdout: float) -> tuple[Any, Any, bool]:
-    """(calibration feeds, held-out feeds, whether they differ): the last share held out.
-
-    A single sample cannot be split: it serves both, and the third item says so.
-    """
-    try:
-        count = len(feeds)
-    except TypeError:
-        feeds = list(feeds)
-        count = len(feeds)
-    held = max(1, round(count * holdout))
-    if count - held < 1:
-        return feeds, feeds, False
-    return FeedSlice(feeds, 0, count - held), FeedSlice(feeds, count - held, count), True
 
 
 def macs_of(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None = None) -> int | None:

@@ -153,6 +153,18 @@ def split_feeds(feeds: Any, holdout: float) -> tuple[FeedSlice, FeedSlice]:
     """(calibration, held-out): the last `holdout` share of the samples is held out."""
     if feeds is None:
         raise PassError(f"quantize with a target needs data: {data_hint()}")
+    calibration, held_out, separate = holdout_split(feeds, holdout)
+    if not separate:
+        raise PassError(
+            "quantize with a target needs at least 2 samples (one to calibrate, one held out "
+            f"to measure), got {len(calibration)}: pass more data"
+        )
+    return calibration, held_out
+
+
+def holdout_split(feeds: Any, holdout: float) -> tuple[Any, Any, bool]:
+    """(fitted feeds, held-out feeds, whether they differ): the last `holdout` share
+    (one sample at least) is held out; a single sample cannot be split and serves both."""
     try:
         count = len(feeds)
     except TypeError:
@@ -160,11 +172,8 @@ def split_feeds(feeds: Any, holdout: float) -> tuple[FeedSlice, FeedSlice]:
         count = len(feeds)
     held = max(1, round(count * holdout))
     if count - held < 1:
-        raise PassError(
-            f"quantize with a target needs at least 2 samples (one to calibrate, one held out "
-            f"to measure), got {count}: pass more data"
-        )
-    return FeedSlice(feeds, 0, count - held), FeedSlice(feeds, count - held, count)
+        return feeds, feeds, False
+    return FeedSlice(feeds, 0, count - held), FeedSlice(feeds, count - held, count), True
 
 
 def outputs_of(

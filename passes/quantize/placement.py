@@ -41,7 +41,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph import constant_value, consumers, is_graph_output, name_matches, producer
+from onnxopt.graph import (
+    QUANTIZED_OPS,
+    constant_value,
+    consumers,
+    is_graph_output,
+    name_matches,
+    producer,
+)
 
 COMPUTE = {"Conv", "MatMul", "Gemm"}
 BINARY = {"Add", "Mul"}
@@ -68,15 +75,6 @@ DEFAULT_OPS = COMPUTE | BINARY | VARIADIC | UNARY | DATA_MOVERS
 # Ops that ORT 1.32 on CPU leaves in float even with Q/DQ around them; quantizing
 # them (include_ops) only makes sense for other execution providers.
 OPT_IN_OPS = {"ConvTranspose", "HardSigmoid", "HardSwish", "Tanh"}
-QDQ_OPS = {
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "DynamicQuantizeLinear",
-    "QLinearConv",
-    "QLinearMatMul",
-    "MatMulInteger",
-    "ConvInteger",
-}
 
 
 @dataclass
@@ -164,7 +162,7 @@ def _rank(tensor: gs.Tensor) -> int:
 
 
 def already_quantized(node: gs.Node) -> bool:
-    if node.op in QDQ_OPS or node.op.startswith("QLinear"):
+    if node.op in QUANTIZED_OPS or node.op.startswith("QLinear"):
         return True
     for tensor in node.inputs:
         source = producer(tensor) if tensor is not None else None
