@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import api, args_checks
 from .data import Feed, FeedSource, parse_shapes
-from .errors import FeedError, OnnxoptError, VerificationFailed, speak_command_line
+from .errors import FeedError, OnnxoptError, VerificationFailed, command_line_voice
 from .files import output_file, write_error
 from .report import (
     Table,
@@ -518,12 +518,16 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with command_line_voice():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (main() called from a worker): leave it be
         previous = None
     try:
-        speak_command_line()
         args = build_parser().parse_args(argv)
         api.quiet_libraries()
         if args.quiet:

@@ -6,15 +6,23 @@ The CLI prints it as it is and exits non-zero; anything else escaping is a bug.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+from collections.abc import Iterator
 
 # Who is asking: messages name arguments as that user writes them.
 _COMMAND_LINE = contextvars.ContextVar("onnxopt_command_line", default=False)
 
 
-def speak_command_line() -> None:
-    """From here on (in this context), messages name command-line flags: the CLI's start."""
-    _COMMAND_LINE.set(True)
+@contextlib.contextmanager
+def command_line_voice() -> Iterator[None]:
+    """Inside, messages name command-line flags: the CLI runs its command in here (and
+    a caller that runs `cli.main` in-process gets its Python voice back afterwards)."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
 
 
 def arg(name: str) -> str:

@@ -64,3 +64,11 @@ def test_the_core_names_are_refused_with_the_api_name(any_size) -> None:
         onnxopt.verify(any_size, any_size, shapes={"image": (1, 3, 16, 16)})
     with pytest.raises(TypeError, match=r"takes data= \(as --data\), not feeds="):
         onnxopt.bench([any_size], feeds="calib.npz")
+
+
+def test_running_the_cli_in_process_gives_python_its_voice_back(any_size, tmp_path) -> None:
+    from onnxopt.cli import main
+
+    assert main(["verify", str(any_size), str(any_size)]) == 2  # said with --shape
+    with pytest.raises(FeedError, match=r"pass shape=\{'image'"):
+        onnxopt.verify(any_size, any_size)
