@@ -261,12 +261,13 @@ def _optimize(args: argparse.Namespace) -> int:
                 tasks[label] = progress.add_task(label, total=total)
             progress.update(tasks[label], completed=done, total=total)
 
+        feeds = _feeds(args, args.model)
         result = api.optimize_file(
             args.model,
             args.output,
             progress=report,
             passes=args.passes,
-            data=_feeds(args, args.model),
+            data=feeds,
             shape=shapes,
             providers=args.providers,
             threads=args.threads,
@@ -276,6 +277,17 @@ def _optimize(args: argparse.Namespace) -> int:
             reports={"--json": args.json, "--report": args.report},
         )
     tables = pipeline_tables(result)
+    if feeds is not None and len(feeds):
+        # MACs at the size of the data given (a dynamic batch as 1), unless --shape says.
+        first = next(iter(feeds))
+        shapes = {
+            s.name: tuple(
+                1 if i == 0 and not isinstance(d, int) else v
+                for i, (d, v) in enumerate(zip(s.shape, first[s.name].shape, strict=True))
+            )
+            for s in feeds.specs
+            if s.name in first and first[s.name].ndim == len(s.shape)
+        } | shapes
     before, after = api.inspect(args.model, shapes), api.inspect(output, shapes)
     compare = Table("Model", ["", "before", "after"])
     compare.rows += [

@@ -84,6 +84,7 @@ def test_every_walkthrough_command_runs_and_says_what_the_readme_says(walkthroug
         assert "Traceback" not in result.stderr
     inspect, verify, bench, report = done[1], done[4], done[5], done[6]
     assert "unknown" not in inspect.stdout  # MACs counted at the --shape given
+    assert "unknown" not in done[3].stdout  # and, when optimizing with data, at its size
     assert "Verify: PASS" in verify.stdout and "lossy (metadata: quantize)" in verify.stdout
     assert "map IoU" in verify.stdout
     assert all(name in bench.stdout for name in ("det.onnx", "det.opt.onnx", "det.int8.onnx"))
