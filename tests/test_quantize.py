@@ -274,7 +274,7 @@ def test_digits_cnn_int8_loses_at_most_half_a_point(digits, method) -> None:
 
 
 def test_static_mode_without_data_says_to_pass_data(model) -> None:
-    with pytest.raises(PassError, match=r"quantize needs calibration data: pass --data"):
+    with pytest.raises(PassError, match=r"quantize needs calibration data: pass data= \(a \.npz"):
         optimize(model, "quantize", PassContext())
 
 
