@@ -346,6 +346,15 @@ def recovery_finding() -> tuple[Table, list]:
     return table, data
 
 
+def publish(name: str, table: Table, rows: list, runs: int) -> None:
+    """Print a table and keep it, with its rows as JSON, under benchmarks/results/NAME."""
+    markdown = render_markdown([table])
+    print(markdown)
+    RESULTS.mkdir(exist_ok=True)
+    write_text(RESULTS / f"{name}.md", markdown)
+    write_json(RESULTS / f"{name}.json", {"runs": runs, "rows": rows})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model (default 30)")
@@ -357,24 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", action="store_true", help="only the target table")
     args = parser.parse_args(argv)
     if args.targets:
-        table, data = target_table(args.runs, args.threads)
-        markdown = render_markdown([table])
-        print(markdown)
-        RESULTS.mkdir(exist_ok=True)
-        write_text(RESULTS / "prune_targets.md", markdown)
-        write_json(RESULTS / "prune_targets.json", {"runs": args.runs, "rows": data})
+        publish("prune_targets", *target_table(args.runs, args.threads), args.runs)
         return 0
     if args.recovery:
         table, data = recovery_finding()
         print(render_markdown([table]))
         return 0
     if args.round_to:
-        table, data = round_to_speed(args.runs, args.threads)
-        markdown = render_markdown([table])
-        print(markdown)
-        RESULTS.mkdir(exist_ok=True)
-        write_text(RESULTS / "prune_round_to.md", markdown)
-        write_json(RESULTS / "prune_round_to.json", {"runs": args.runs, "rows": data})
+        publish("prune_round_to", *round_to_speed(args.runs, args.threads), args.runs)
         return 0
     selected = models()
     if args.models:

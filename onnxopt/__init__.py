@@ -77,34 +77,4 @@ sys.modules[__name__].__class__ = _Package
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_PIPELINE",
-    "ExternalDataError",
-    "FeedError",
-    "Group",
-    "ModelError",
-    "OnnxoptError",
-    "OutputError",
-    "Pass",
-    "PassContext",
-    "PassError",
-    "PassResult",
-    "Pipeline",
-    "PipelineResult",
-    "ProviderError",
-    "VerificationFailed",
-    "available_passes",
-    "bench",
-    "get_pass",
-    "inspect",
-    "list_passes",
-    "load_feeds",
-    "load_model",
-    "optimize",
-    "optimize_file",
-    "parse_spec",
-    "register_group",
-    "register_pass",
-    "save_model",
-    "verify",
-]
+__all__ = sorted(_HOME)

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api, args_checks
-from .data import Feed, FeedSource, parse_shapes
+from .data import Feed, FeedSource, feed_shapes, parse_shapes
 from .errors import FeedError, OnnxoptError, VerificationFailed, command_line_voice
 from .files import output_file, write_error
 from .report import (
@@ -278,16 +278,8 @@ def _optimize(args: argparse.Namespace) -> int:
         )
     tables = pipeline_tables(result)
     if feeds is not None and len(feeds):
-        # MACs at the size of the data given (a dynamic batch as 1), unless --shape says.
-        first = next(iter(feeds))
-        shapes = {
-            s.name: tuple(
-                1 if i == 0 and not isinstance(d, int) else v
-                for i, (d, v) in enumerate(zip(s.shape, first[s.name].shape, strict=True))
-            )
-            for s in feeds.specs
-            if s.name in first and first[s.name].ndim == len(s.shape)
-        } | shapes
+        # MACs at the size of the data given, unless --shape says otherwise.
+        shapes = feed_shapes(next(iter(feeds)), feeds.specs) | shapes
     before, after = api.inspect(args.model, shapes), api.inspect(output, shapes)
     compare = Table("Model", ["", "before", "after"])
     compare.rows += [

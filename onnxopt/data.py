@@ -183,6 +183,18 @@ def bind_shape(spec: InputSpec, shapes: dict[str, tuple[int, ...]], batch: int =
     return tuple(d if isinstance(d, int) else batch for d in spec.shape)
 
 
+def feed_shapes(feed: Feed, specs: Sequence[InputSpec]) -> dict[str, tuple[int, ...]]:
+    """The input shapes a feed binds, a dynamic batch counted as 1 (as inspect counts it)."""
+    return {
+        s.name: tuple(
+            1 if i == 0 and not isinstance(d, int) else v
+            for i, (d, v) in enumerate(zip(s.shape, feed[s.name].shape, strict=True))
+        )
+        for s in specs
+        if s.name in feed and np.ndim(feed[s.name]) == len(s.shape)
+    }
+
+
 def check_feed(feed: Feed, specs: Sequence[InputSpec], source: str = "feeds") -> Feed:
     """Refuse missing or extra names, a wrong dtype, a wrong rank or a wrong static dim."""
     names = {s.name for s in specs}

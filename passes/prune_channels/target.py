@@ -19,9 +19,8 @@ import onnx
 
 from onnxopt.errors import PassError
 from onnxopt.model import inferred_shapes
-from onnxopt.passes.quantize.mixed import Target, outputs_of, parse_target
+from onnxopt.passes.quantize.mixed import Target, float_output_stats, outputs_of, parse_target
 from onnxopt.summary import macs_per_sample
-from onnxopt.verify import ErrorStats
 
 from .search import Measure
 
@@ -92,18 +91,16 @@ class HeldOut:
         outputs = outputs_of(candidate, self.parts[part], self.providers, self.threads)
         reference = self.reference[part]
         cosine, rel = 1.0, 0.0
-        for name in reference[0]:
-            if reference[0][name].dtype.kind != "f":
-                continue
-            stats = ErrorStats(name)
-            for r, c in zip(reference, outputs, strict=True):
-                stats.update(r[name], c[name])
+        per_output = float_output_stats(reference, outputs)
+        for stats in per_output:
             cosine = min(cosine, stats.cosine)
             if stats.ref_sq:
                 rel = max(rel, math.sqrt(stats.err_sq / stats.ref_sq))
         met, value = True, None
-        if self.target is not None:
+        if self.target is not None and self.target.check is not None:
             met, value = self.target.evaluate(reference, outputs)
+        elif self.target is not None:
+            met, value = self.target.evaluate_stats(per_output)
         macs = macs_of(candidate, self.feeds[0]) if count_macs else None
         return Measure(bool(met), value, float(np.float64(cosine)), rel, macs)
 

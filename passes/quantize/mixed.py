@@ -75,13 +75,12 @@ class Target:
         """Whether the target holds, and the metric's worst value over the outputs."""
         if self.check is not None:
             return bool(self.check(_stacked(ref), _stacked(cand))), None
+        return self.evaluate_stats(float_output_stats(ref, cand))
+
+    def evaluate_stats(self, outputs: list[ErrorStats]) -> tuple[bool, float | None]:
+        """`evaluate` on error statistics already gathered (not for a callable target)."""
         values = []
-        for name in ref[0]:
-            if ref[0][name].dtype.kind != "f":
-                continue
-            stats = ErrorStats(name)
-            for r, c in zip(ref, cand, strict=True):
-                stats.update(r[name], c[name])
+        for stats in outputs:
             if self.metric == "cosine":
                 values.append(stats.cosine)
             elif self.metric == "rel_error":
@@ -118,6 +117,19 @@ def parse_target(value: Any) -> Target:
     if metric != "rel_error" and threshold > 1:
         raise PassError(f"quantize: cosine and top1 thresholds lie in [0, 1], got {value!r}")
     return Target(f"{metric}:{threshold:g}", metric, threshold)
+
+
+def float_output_stats(ref: list[Outputs], cand: list[Outputs]) -> list[ErrorStats]:
+    """Error statistics of each float output over every run (integer outputs have none)."""
+    found = []
+    for name in ref[0]:
+        if ref[0][name].dtype.kind != "f":
+            continue
+        stats = ErrorStats(name)
+        for r, c in zip(ref, cand, strict=True):
+            stats.update(r[name], c[name])
+        found.append(stats)
+    return found
 
 
 def _stacked(outputs: list[Outputs]) -> Outputs:
